@@ -1,0 +1,90 @@
+"""Settings from the environment (SPEC §3); command-line flags override them."""
+
+import os
+import secrets
+from pathlib import Path
+
+import msgspec
+
+PROVIDERS = ("sandbox", "stripe", "razorpay")
+
+
+class ConfigError(Exception):
+    """Bad configuration: reported as one line, never as a traceback."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    database_url: str | None = None
+    ray_address: str | None = None
+    bcrypt_rounds: int = 12
+    hold_ttl_s: int = 900
+    cancel_window_s: int = 86_400
+    payment_provider: str = "sandbox"
+    public_url: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+
+def _int(env: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def load_settings(env: dict[str, str] | None = None, **flags: object) -> Settings:
+    """Build settings from `env` (default: the process environment) and non-None `flags`."""
+    env = dict(os.environ) if env is None else env
+    provider = env.get("FLASHSALE_PAYMENT_PROVIDER", "sandbox") or "sandbox"
+    if provider not in PROVIDERS:
+        raise ConfigError(
+            f"FLASHSALE_PAYMENT_PROVIDER must be one of {', '.join(PROVIDERS)}, got {provider!r}"
+        )
+    if provider == "stripe" and not env.get("STRIPE_API_KEY"):
+        raise ConfigError("FLASHSALE_PAYMENT_PROVIDER=stripe needs STRIPE_API_KEY")
+    if provider == "razorpay" and not (env.get("RAZORPAY_KEY_ID") and env.get("RAZORPAY_KEY_SECRET")):
+        raise ConfigError(
+            "FLASHSALE_PAYMENT_PROVIDER=razorpay needs RAZORPAY_KEY_ID and RAZORPAY_KEY_SECRET"
+        )
+    values: dict[str, object] = {
+        "data_dir": Path(env.get("FLASHSALE_DATA_DIR") or ".flashsale"),
+        "database_url": env.get("FLASHSALE_DATABASE_URL") or None,
+        "ray_address": env.get("RAY_ADDRESS") or None,
+        "bcrypt_rounds": _int(env, "FLASHSALE_BCRYPT_ROUNDS", 12, 4, 31),
+        "hold_ttl_s": _int(env, "FLASHSALE_HOLD_TTL_S", 900, 1, 7 * 86_400),
+        "cancel_window_s": _int(env, "FLASHSALE_CANCEL_WINDOW_S", 86_400, 0, 365 * 86_400),
+        "payment_provider": provider,
+        "public_url": env.get("FLASHSALE_PUBLIC_URL") or None,
+    }
+    values.update({name: value for name, value in flags.items() if value is not None})
+    if isinstance(values["data_dir"], str):
+        values["data_dir"] = Path(values["data_dir"])
+    port = values.get("port", 8080)
+    if not isinstance(port, int) or not 1 <= port <= 65_535:
+        raise ConfigError(f"--port must be between 1 and 65535, got {port}")
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def stored_secret(data_dir: Path, name: str) -> str:
+    """A secret generated once and kept in the data dir (mode 0600), so restarts keep it."""
+    path = data_dir / "secrets" / name
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value)
+    return value

