@@ -17,7 +17,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = 1
     database_url: str | None = None
     ray_address: str | None = None
     bcrypt_rounds: int = 12
@@ -54,7 +53,8 @@ def load_settings(env: dict[str, str] | None = None, **flags: object) -> Setting
         )
     if provider == "stripe" and not env.get("STRIPE_API_KEY"):
         raise ConfigError("FLASHSALE_PAYMENT_PROVIDER=stripe needs STRIPE_API_KEY")
-    if provider == "razorpay" and not (env.get("RAZORPAY_KEY_ID") and env.get("RAZORPAY_KEY_SECRET")):
+    razorpay_keys = env.get("RAZORPAY_KEY_ID") and env.get("RAZORPAY_KEY_SECRET")
+    if provider == "razorpay" and not razorpay_keys:
         raise ConfigError(
             "FLASHSALE_PAYMENT_PROVIDER=razorpay needs RAZORPAY_KEY_ID and RAZORPAY_KEY_SECRET"
         )

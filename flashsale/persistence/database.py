@@ -28,7 +28,7 @@ async def connect(dsn: str) -> asyncpg.Connection:
     """Connect, turning an unreachable or misconfigured database into a one-line ConfigError."""
     try:
         return await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, ValueError) as error:
+    except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as error:
         raise ConfigError(f"cannot reach the database: {error}") from None
 
 

