@@ -45,26 +45,25 @@ class Sale:
         self.events: list[Event] = []
         self._ids = 0
         terms = ProductTerms("prod", PRICE, "INR", START_MS, END_MS, limit)
-        reply, _ = self.run(DefineProduct(terms, stock, self.now_ms))
+        reply, _ = self.run(DefineProduct(terms, stock))
         assert reply is None
 
-    def run(self, cmd: Command) -> tuple[Reply, tuple[Event, ...]]:
-        reply, events = execute(self.state, cmd, POLICY)
+    def run(self, cmd: Command, at_ms: int | None = None) -> tuple[Reply, tuple[Event, ...]]:
+        reply, events = execute(self.state, cmd, self.now_ms if at_ms is None else at_ms, POLICY)
         self.events.extend(events)
         assert check_invariants(self.state) == []
         return reply, events
 
     def place(self, user: str = "alice", quantity: int = 1, key: str | None = None) -> Reply:
         self._ids += 1
-        cmd = PlaceOrder(f"order-{self._ids}", user, key or f"key-{self._ids}", quantity,
-                         self.now_ms)
+        cmd = PlaceOrder(f"order-{self._ids}", user, key or f"key-{self._ids}", quantity)
         return self.run(cmd)[0]
 
     def capture(self, order_id: str, payment_id: str = "pay_1", amount: int | None = None,
                 currency: str = "INR") -> tuple[Reply, tuple[Event, ...]]:
         order = self.state.orders[order_id]
         amount = order.total_minor if amount is None else amount
-        return self.run(CapturePayment(order_id, payment_id, amount, currency, self.now_ms))
+        return self.run(CapturePayment(order_id, payment_id, amount, currency))
 
     def counts(self) -> tuple[int, int, int]:
         return self.state.available, self.state.reserved, self.state.sold
@@ -76,15 +75,15 @@ def placed(reply: Reply) -> str:
 
 
 def test_commands_before_the_product_exists_are_not_found() -> None:
-    reply, events = execute(ProductState(), PlaceOrder("o", "u", "k", 1, START_MS), POLICY)
+    reply, events = execute(ProductState(), PlaceOrder("o", "u", "k", 1), START_MS, POLICY)
     assert (reply, events) == (Rejection.NOT_FOUND, ())
 
 
 def test_defining_a_product_twice_with_other_terms_is_refused() -> None:
     sale = Sale()
     other = ProductTerms("prod", PRICE + 1, "INR", START_MS, END_MS, 2)
-    assert sale.run(DefineProduct(other, 5, START_MS))[0] is Rejection.VALIDATION_ERROR
-    assert sale.run(DefineProduct(sale.state.terms, 5, START_MS)) == (None, ())  # type: ignore[arg-type]
+    assert sale.run(DefineProduct(other, 5))[0] is Rejection.VALIDATION_ERROR
+    assert sale.run(DefineProduct(sale.state.terms, 5)) == (None, ())  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("quantity", [0, -1, 11])
@@ -139,7 +138,7 @@ def test_an_expired_hold_frees_the_users_limit_and_the_units() -> None:
     sale = Sale(stock=1, limit=1)
     placed(sale.place(user="alice"))
     sale.now_ms += POLICY.hold_ttl_ms
-    sale.run(ExpireHolds(sale.now_ms))
+    sale.run(ExpireHolds())
     assert sale.counts() == (1, 0, 0)
     placed(sale.place(user="alice"))
 
@@ -147,7 +146,7 @@ def test_an_expired_hold_frees_the_users_limit_and_the_units() -> None:
 def test_same_key_same_request_returns_the_first_order_and_logs_nothing() -> None:
     sale = Sale(stock=5)
     first = sale.place(key="k", quantity=1)
-    reply, events = sale.run(PlaceOrder("other-id", "alice", "k", 1, sale.now_ms + 5))
+    reply, events = sale.run(PlaceOrder("other-id", "alice", "k", 1), at_ms=sale.now_ms + 5)
     assert reply == first and events == ()
     assert sale.counts() == (4, 1, 0)
 
@@ -156,8 +155,8 @@ def test_same_key_returns_the_original_even_after_the_order_moved_on() -> None:
     sale = Sale(stock=5)
     order_id = placed(sale.place(key="k"))
     sale.now_ms += POLICY.hold_ttl_ms
-    sale.run(ExpireHolds(sale.now_ms))
-    reply, events = sale.run(PlaceOrder("retry", "alice", "k", 1, sale.now_ms))
+    sale.run(ExpireHolds())
+    reply, events = sale.run(PlaceOrder("retry", "alice", "k", 1))
     assert placed(reply) == order_id and events == ()
 
 
@@ -207,14 +206,14 @@ def test_a_payment_id_belongs_to_one_order() -> None:
 
 def test_capture_for_an_unknown_order_is_not_found() -> None:
     sale = Sale()
-    cmd = CapturePayment("nope", "pay_1", PRICE, "INR", sale.now_ms)
+    cmd = CapturePayment("nope", "pay_1", PRICE, "INR")
     assert sale.run(cmd)[0] is Rejection.NOT_FOUND
 
 
 def test_a_failed_payment_releases_the_units() -> None:
     sale = Sale(stock=2)
     order_id = placed(sale.place(quantity=2))
-    reply, _ = sale.run(FailPayment(order_id, sale.now_ms))
+    reply, _ = sale.run(FailPayment(order_id))
     assert not isinstance(reply, Rejection) and reply is not None
     assert reply.status is OrderStatus.FAILED and sale.counts() == (2, 0, 0)
 
@@ -223,7 +222,7 @@ def test_a_failure_reported_after_capture_changes_nothing() -> None:
     sale = Sale()
     order_id = placed(sale.place())
     sale.capture(order_id)
-    assert sale.run(FailPayment(order_id, sale.now_ms))[1] == ()
+    assert sale.run(FailPayment(order_id))[1] == ()
     assert sale.state.orders[order_id].status is OrderStatus.CONFIRMED
 
 
@@ -233,18 +232,19 @@ def test_holds_expire_exactly_at_expires_at_and_not_before() -> None:
     sale.now_ms += 1_000
     late = placed(sale.place())
     expiry = sale.state.orders[early].expires_at_ms
-    assert sale.run(ExpireHolds(expiry - 1))[1] == ()
-    _, events = sale.run(ExpireHolds(expiry))
+    assert sale.run(ExpireHolds(), at_ms=expiry - 1)[1] == ()
+    _, events = sale.run(ExpireHolds(), at_ms=expiry)
     assert events == (OrderExpired(early, expiry),)
     assert sale.state.orders[late].status is OrderStatus.PENDING
-    assert sale.run(ExpireHolds(expiry + 10_000))[1] == (OrderExpired(late, expiry + 10_000),)
+    later = expiry + 10_000
+    assert sale.run(ExpireHolds(), at_ms=later)[1] == (OrderExpired(late, later),)
 
 
 def test_a_late_payment_rereserves_when_units_are_available() -> None:
     sale = Sale(stock=5)
     order_id = placed(sale.place(quantity=2))
     sale.now_ms += POLICY.hold_ttl_ms
-    sale.run(ExpireHolds(sale.now_ms))
+    sale.run(ExpireHolds())
     _, events = sale.capture(order_id)
     assert isinstance(events[0], OrderConfirmed) and events[0].rereserved
     assert sale.state.orders[order_id].status is OrderStatus.CONFIRMED
@@ -254,7 +254,7 @@ def test_a_late_payment_rereserves_when_units_are_available() -> None:
 def test_a_late_payment_is_refunded_when_the_units_are_gone() -> None:
     sale = Sale(stock=1)
     order_id = placed(sale.place(user="alice"))
-    sale.run(FailPayment(order_id, sale.now_ms))
+    sale.run(FailPayment(order_id))
     placed(sale.place(user="bob"))
     reply, events = sale.capture(order_id, "pay_late")
     assert events == (RefundRequired(order_id, "pay_late", PRICE, sale.now_ms),)
@@ -269,7 +269,7 @@ def test_a_late_payment_is_refunded_when_it_would_break_the_user_limit() -> None
     sale = Sale(stock=5, limit=1)
     order_id = placed(sale.place(user="alice"))
     sale.now_ms += POLICY.hold_ttl_ms
-    sale.run(ExpireHolds(sale.now_ms))
+    sale.run(ExpireHolds())
     placed(sale.place(user="alice"))
     _, events = sale.capture(order_id, "pay_late")
     assert isinstance(events[0], RefundRequired)
@@ -280,12 +280,12 @@ def test_cancel_within_the_window_returns_units_and_owes_a_refund() -> None:
     order_id = placed(sale.place(quantity=2))
     sale.capture(order_id)
     sale.now_ms += POLICY.cancel_window_ms
-    reply, _ = sale.run(CancelOrder(order_id, "alice", sale.now_ms))
+    reply, _ = sale.run(CancelOrder(order_id, "alice"))
     assert not isinstance(reply, Rejection) and reply is not None
     assert reply.status is OrderStatus.CANCELLED
     assert (reply.refund_status, reply.refund_amount_minor) == (RefundStatus.PENDING, 2 * PRICE)
     assert sale.counts() == (5, 0, 0)
-    assert sale.run(CancelOrder(order_id, "alice", sale.now_ms))[0] is (
+    assert sale.run(CancelOrder(order_id, "alice"))[0] is (
         Rejection.INVALID_ORDER_STATE
     )
 
@@ -295,14 +295,14 @@ def test_cancel_after_the_window_is_refused() -> None:
     order_id = placed(sale.place())
     sale.capture(order_id)
     sale.now_ms += POLICY.cancel_window_ms + 1
-    cmd = CancelOrder(order_id, "alice", sale.now_ms)
+    cmd = CancelOrder(order_id, "alice")
     assert sale.run(cmd)[0] is Rejection.CANCELLATION_WINDOW_CLOSED
 
 
 def test_only_confirmed_orders_can_be_cancelled() -> None:
     sale = Sale()
     order_id = placed(sale.place())
-    assert sale.run(CancelOrder(order_id, "alice", sale.now_ms))[0] is (
+    assert sale.run(CancelOrder(order_id, "alice"))[0] is (
         Rejection.INVALID_ORDER_STATE
     )
 
@@ -311,26 +311,26 @@ def test_another_users_order_does_not_exist_for_them() -> None:
     sale = Sale()
     order_id = placed(sale.place(user="alice"))
     sale.capture(order_id)
-    assert sale.run(CancelOrder(order_id, "mallory", sale.now_ms))[0] is Rejection.NOT_FOUND
+    assert sale.run(CancelOrder(order_id, "mallory"))[0] is Rejection.NOT_FOUND
     assert sale.state.orders[order_id].status is OrderStatus.CONFIRMED
 
 
 def test_restock_adds_units_and_rejects_nonsense() -> None:
     sale = Sale(stock=1, limit=5)
     placed(sale.place())
-    sale.run(Restock(3, sale.now_ms))
+    sale.run(Restock(3))
     assert sale.counts() == (3, 1, 0) and sale.state.stock == 4
-    assert sale.run(Restock(0, sale.now_ms))[0] is Rejection.VALIDATION_ERROR
+    assert sale.run(Restock(0))[0] is Rejection.VALIDATION_ERROR
 
 
 def test_a_refund_settles_once() -> None:
     sale = Sale()
     order_id = placed(sale.place())
     sale.capture(order_id)
-    sale.run(CancelOrder(order_id, "alice", sale.now_ms))
-    assert sale.run(SettleRefund(order_id, True, sale.now_ms))[1] != ()
+    sale.run(CancelOrder(order_id, "alice"))
+    assert sale.run(SettleRefund(order_id, True))[1] != ()
     assert sale.state.orders[order_id].refund_status is RefundStatus.PROCESSED
-    assert sale.run(SettleRefund(order_id, False, sale.now_ms))[1] == ()
+    assert sale.run(SettleRefund(order_id, False))[1] == ()
     assert sale.state.orders[order_id].refund_status is RefundStatus.PROCESSED
 
 
@@ -340,7 +340,7 @@ def test_folding_the_events_rebuilds_the_state_and_snapshots_round_trip() -> Non
     sale = Sale(stock=3, limit=3)
     a, b = placed(sale.place(quantity=2)), placed(sale.place())
     sale.capture(a)
-    sale.run(FailPayment(b, sale.now_ms))
+    sale.run(FailPayment(b))
     rebuilt = ProductState()
     for event in sale.events:
         apply(rebuilt, event)

@@ -115,30 +115,30 @@ class Shoppers:
 
     def next_command(self, state: ProductState) -> Command:
         self._tick_clock()
-        rng, now = self.rng, self.now_ms
+        rng = self.rng
         orders = list(state.orders.values())
         roll = rng.random()
         if roll < 0.45 or not orders:
             quantity = rng.choice([1, 1, 1, 2, 3, rng.randint(-1, 12)])
             key = f"key-{rng.randint(0, 6)}"
-            return PlaceOrder(self._fresh("order"), rng.choice(USERS), key, quantity, now)
+            return PlaceOrder(self._fresh("order"), rng.choice(USERS), key, quantity)
         order = rng.choice(orders)
         if roll < 0.65:
-            return self._capture(order, now)
+            return self._capture(order)
         if roll < 0.72:
-            return FailPayment(order.order_id, now)
+            return FailPayment(order.order_id)
         if roll < 0.82:
-            return ExpireHolds(now)
+            return ExpireHolds()
         if roll < 0.90:
             owner = order.user_id if rng.random() < 0.9 else rng.choice(USERS)
-            return CancelOrder(order.order_id, owner, now)
+            return CancelOrder(order.order_id, owner)
         if roll < 0.95:
-            return SettleRefund(order.order_id, rng.random() < 0.8, now)
+            return SettleRefund(order.order_id, rng.random() < 0.8)
         if roll < 0.99:
-            return ExpireHolds(now)
-        return Restock(rng.choice([1, 2, 5, 0]), now)
+            return ExpireHolds()
+        return Restock(rng.choice([1, 2, 5, 0]))
 
-    def _capture(self, order: OrderRecord, now: int) -> Command:
+    def _capture(self, order: OrderRecord) -> Command:
         rng = self.rng
         amount, currency = order.total_minor, "INR"
         if rng.random() < 0.05:
@@ -148,11 +148,11 @@ class Shoppers:
         if self.payments and rng.random() < 0.3:
             order_id, payment_id = rng.choice(self.payments)  # a redelivered or stray webhook
             if rng.random() < 0.7:
-                return CapturePayment(order_id, payment_id, amount, currency, now)
-            return CapturePayment(order.order_id, payment_id, amount, currency, now)
+                return CapturePayment(order_id, payment_id, amount, currency)
+            return CapturePayment(order.order_id, payment_id, amount, currency)
         payment_id = self._fresh("pay")
         self.payments.append((order.order_id, payment_id))
-        return CapturePayment(order.order_id, payment_id, amount, currency, now)
+        return CapturePayment(order.order_id, payment_id, amount, currency)
 
 
 def simulate(seed: int, steps: int) -> Auditor:
@@ -163,11 +163,11 @@ def simulate(seed: int, steps: int) -> Auditor:
                          start_ms + steps * 700, rng.randint(1, 4))
     state, auditor = ProductState(), Auditor()
     shoppers = Shoppers(rng, start_ms)
-    commands: list[Command] = [DefineProduct(terms, rng.randint(3, 25), start_ms)]
+    commands: list[Command] = [DefineProduct(terms, rng.randint(3, 25))]
     for step in range(steps):
         cmd = commands.pop() if commands else shoppers.next_command(state)
         try:
-            reply, events = execute(state, cmd, POLICY)
+            reply, events = execute(state, cmd, shoppers.now_ms, POLICY)
             auditor.record(state, cmd, reply, events)
             if step % 250 == 0:
                 assert auditor.shadow == state, "folded events differ from the live state"

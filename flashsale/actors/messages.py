@@ -1,7 +1,8 @@
 """Commands, events and rejections of one product: the vocabulary of the pure core.
 
 Times are integer milliseconds since the Unix epoch and ids are strings; both come in from
-the shell, so the core stays deterministic. Money is an integer in the currency's minor unit.
+the shell (the time as an argument of `decide`, so one clock, the actor's, orders a product's
+decisions), and the core stays deterministic. Money is an integer in the currency's minor unit.
 """
 
 import enum
@@ -38,7 +39,6 @@ class ProductTerms(msgspec.Struct, frozen=True, array_like=True):
 class DefineProduct(msgspec.Struct, frozen=True, tag=True, array_like=True):
     terms: ProductTerms
     stock: int
-    now_ms: int
 
 
 class PlaceOrder(msgspec.Struct, frozen=True, tag=True, array_like=True):
@@ -46,7 +46,6 @@ class PlaceOrder(msgspec.Struct, frozen=True, tag=True, array_like=True):
     user_id: str
     idempotency_key: str
     quantity: int
-    now_ms: int
 
 
 class CapturePayment(msgspec.Struct, frozen=True, tag=True, array_like=True):
@@ -54,33 +53,28 @@ class CapturePayment(msgspec.Struct, frozen=True, tag=True, array_like=True):
     payment_id: str
     amount_minor: int
     currency: str
-    now_ms: int
 
 
 class FailPayment(msgspec.Struct, frozen=True, tag=True, array_like=True):
     order_id: str
-    now_ms: int
 
 
 class ExpireHolds(msgspec.Struct, frozen=True, tag=True, array_like=True):
-    now_ms: int
+    """Expire every pending order whose hold has lapsed (the actor's timer sends it)."""
 
 
 class CancelOrder(msgspec.Struct, frozen=True, tag=True, array_like=True):
     order_id: str
     user_id: str
-    now_ms: int
 
 
 class Restock(msgspec.Struct, frozen=True, tag=True, array_like=True):
     quantity: int
-    now_ms: int
 
 
 class SettleRefund(msgspec.Struct, frozen=True, tag=True, array_like=True):
     order_id: str
     succeeded: bool
-    now_ms: int
 
 
 Command = (

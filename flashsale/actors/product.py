@@ -104,33 +104,35 @@ def idempotency_slot(user_id: str, key: str) -> str:
     return f"{user_id}:{key}"
 
 
-def decide(state: ProductState, cmd: Command, policy: Policy) -> tuple[Event, ...] | Rejection:
+def decide(
+    state: ProductState, cmd: Command, now_ms: int, policy: Policy
+) -> tuple[Event, ...] | Rejection:
     """Validate `cmd`; an empty tuple means "accepted, nothing changes" (a duplicate)."""
     if isinstance(cmd, DefineProduct):
-        return _define(state, cmd)
+        return _define(state, cmd, now_ms)
     if state.terms is None:
         return Rejection.NOT_FOUND
     match cmd:
         case PlaceOrder():
-            return _place(state, state.terms, cmd, policy)
+            return _place(state, state.terms, cmd, now_ms, policy)
         case CapturePayment():
-            return _capture(state, state.terms, cmd)
-        case FailPayment(order_id=order_id, now_ms=now_ms):
+            return _capture(state, state.terms, cmd, now_ms)
+        case FailPayment(order_id=order_id):
             order = state.orders.get(order_id)
             if order is None:
                 return Rejection.NOT_FOUND
             if order.status is not OrderStatus.PENDING:
                 return ()  # a failure reported after the order settled changes nothing
             return (OrderFailed(order_id, now_ms),)
-        case ExpireHolds(now_ms=now_ms):
+        case ExpireHolds():
             return tuple(OrderExpired(order_id, now_ms) for order_id in due_holds(state, now_ms))
         case CancelOrder():
-            return _cancel(state, cmd, policy)
-        case Restock(quantity=quantity, now_ms=now_ms):
+            return _cancel(state, cmd, now_ms, policy)
+        case Restock(quantity=quantity):
             if not 1 <= quantity <= RESTOCK_MAX:
                 return Rejection.VALIDATION_ERROR
             return (Restocked(quantity, now_ms),)
-        case SettleRefund(order_id=order_id, succeeded=succeeded, now_ms=now_ms):
+        case SettleRefund(order_id=order_id, succeeded=succeeded):
             order = state.orders.get(order_id)
             if order is None:
                 return Rejection.NOT_FOUND
@@ -140,7 +142,9 @@ def decide(state: ProductState, cmd: Command, policy: Policy) -> tuple[Event, ..
     raise TypeError(f"unknown command {cmd!r}")
 
 
-def _define(state: ProductState, cmd: DefineProduct) -> tuple[Event, ...] | Rejection:
+def _define(
+    state: ProductState, cmd: DefineProduct, now_ms: int
+) -> tuple[Event, ...] | Rejection:
     terms = cmd.terms
     if state.terms is not None:
         same = state.terms == terms and state.stock == cmd.stock
@@ -151,11 +155,11 @@ def _define(state: ProductState, cmd: DefineProduct) -> tuple[Event, ...] | Reje
         and terms.per_user_limit >= 1
         and terms.sale_starts_at_ms < terms.sale_ends_at_ms
     )
-    return (ProductDefined(terms, cmd.stock, cmd.now_ms),) if valid else Rejection.VALIDATION_ERROR
+    return (ProductDefined(terms, cmd.stock, now_ms),) if valid else Rejection.VALIDATION_ERROR
 
 
 def _place(
-    state: ProductState, terms: ProductTerms, cmd: PlaceOrder, policy: Policy
+    state: ProductState, terms: ProductTerms, cmd: PlaceOrder, now_ms: int, policy: Policy
 ) -> tuple[Event, ...] | Rejection:
     if not 1 <= cmd.quantity <= QUANTITY_MAX:
         return Rejection.VALIDATION_ERROR
@@ -165,13 +169,13 @@ def _place(
         return () if same_request else Rejection.IDEMPOTENCY_KEY_REUSED
     if cmd.order_id in state.orders:
         return Rejection.VALIDATION_ERROR
-    if not terms.sale_starts_at_ms <= cmd.now_ms < terms.sale_ends_at_ms:
+    if not terms.sale_starts_at_ms <= now_ms < terms.sale_ends_at_ms:
         return Rejection.SALE_NOT_ACTIVE
     if state.units_by_user.get(cmd.user_id, 0) + cmd.quantity > terms.per_user_limit:
         return Rejection.PURCHASE_LIMIT_EXCEEDED
     if state.available < cmd.quantity:
         return Rejection.OUT_OF_STOCK
-    expires_at_ms = cmd.now_ms + policy.hold_ttl_ms
+    expires_at_ms = now_ms + policy.hold_ttl_ms
     return (
         OrderPlaced(
             cmd.order_id,
@@ -179,14 +183,14 @@ def _place(
             cmd.idempotency_key,
             cmd.quantity,
             terms.price_minor,
-            cmd.now_ms,
+            now_ms,
             expires_at_ms,
         ),
     )
 
 
 def _capture(
-    state: ProductState, terms: ProductTerms, cmd: CapturePayment
+    state: ProductState, terms: ProductTerms, cmd: CapturePayment, now_ms: int
 ) -> tuple[Event, ...] | Rejection:
     order = state.orders.get(cmd.order_id)
     if order is None:
@@ -199,23 +203,25 @@ def _capture(
     if order.payment_id is not None:
         return Rejection.INVALID_ORDER_STATE  # a second, different payment for one order
     if order.status is OrderStatus.PENDING:
-        return (OrderConfirmed(cmd.order_id, cmd.payment_id, cmd.now_ms, rereserved=False),)
+        return (OrderConfirmed(cmd.order_id, cmd.payment_id, now_ms, rereserved=False),)
     # A late payment: the hold lapsed. Take the units again if the rules still allow it.
     held_by_user = state.units_by_user.get(order.user_id, 0)
     if state.available >= order.quantity and held_by_user + order.quantity <= terms.per_user_limit:
-        return (OrderConfirmed(cmd.order_id, cmd.payment_id, cmd.now_ms, rereserved=True),)
-    return (RefundRequired(cmd.order_id, cmd.payment_id, cmd.amount_minor, cmd.now_ms),)
+        return (OrderConfirmed(cmd.order_id, cmd.payment_id, now_ms, rereserved=True),)
+    return (RefundRequired(cmd.order_id, cmd.payment_id, cmd.amount_minor, now_ms),)
 
 
-def _cancel(state: ProductState, cmd: CancelOrder, policy: Policy) -> tuple[Event, ...] | Rejection:
+def _cancel(
+    state: ProductState, cmd: CancelOrder, now_ms: int, policy: Policy
+) -> tuple[Event, ...] | Rejection:
     order = state.orders.get(cmd.order_id)
     if order is None or order.user_id != cmd.user_id:
         return Rejection.NOT_FOUND  # another user's order does not exist for this caller
     if order.status is not OrderStatus.CONFIRMED or order.confirmed_at_ms is None:
         return Rejection.INVALID_ORDER_STATE
-    if cmd.now_ms > order.confirmed_at_ms + policy.cancel_window_ms:
+    if now_ms > order.confirmed_at_ms + policy.cancel_window_ms:
         return Rejection.CANCELLATION_WINDOW_CLOSED
-    return (OrderCancelled(cmd.order_id, order.total_minor, cmd.now_ms),)
+    return (OrderCancelled(cmd.order_id, order.total_minor, now_ms),)
 
 
 def due_holds(state: ProductState, now_ms: int) -> list[str]:
@@ -327,9 +333,11 @@ def reply_for(state: ProductState, cmd: Command) -> OrderRecord | None:
     return None
 
 
-def execute(state: ProductState, cmd: Command, policy: Policy) -> tuple[Reply, tuple[Event, ...]]:
+def execute(
+    state: ProductState, cmd: Command, now_ms: int, policy: Policy
+) -> tuple[Reply, tuple[Event, ...]]:
     """Decide and apply one command; returns the caller's reply and the events to log."""
-    decision = decide(state, cmd, policy)
+    decision = decide(state, cmd, now_ms, policy)
     if isinstance(decision, Rejection):
         return decision, ()
     for event in decision:
