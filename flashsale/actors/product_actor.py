@@ -1,0 +1,186 @@
+"""The product actor: a thin, single-writer shell around the pure core.
+
+A call carries a batch of commands. The actor decides the whole batch synchronously, appends the
+events to the WAL, awaits the COMMIT, and only then answers. Recovery (in the constructor, after a
+Ray restart, and after a failed flush) goes through `rebuild`, the replay tool's own path.
+"""
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+
+import asyncpg
+import msgspec
+
+from flashsale.actors.messages import Command, Event, ExpireHolds
+from flashsale.actors.product import Policy, ProductState, Reply, execute
+from flashsale.persistence.replay import encode_state, rebuild
+from flashsale.persistence.wal import QUEUE_DEPTH_MAX, WalBroken, WalWriter
+
+log = logging.getLogger(__name__)
+
+HOLD_CHECK_INTERVAL_S = 0.2
+RECOVERY_WAIT_S = 2.0
+RECONNECT_BACKOFF_MAX_S = 2.0
+CONNECT_TIMEOUT_S = 5.0
+
+_commands_encoder = msgspec.msgpack.Encoder()
+_commands_decoder = msgspec.msgpack.Decoder(list[Command])
+_replies_encoder = msgspec.msgpack.Encoder()
+_replies_decoder = msgspec.msgpack.Decoder(list[Reply])
+
+
+class ProductUnavailable(Exception):
+    """The product cannot decide now (recovering, overloaded, or its log is failing).
+    Nothing in the batch was acknowledged: retry with the same idempotency keys."""
+
+
+class ActorConfig(msgspec.Struct, frozen=True):
+    dsn: str
+    policy: Policy = Policy()
+    snapshot_every_events: int = 100_000
+    queue_depth_max: int = QUEUE_DEPTH_MAX
+
+
+class ProductCounts(msgspec.Struct, frozen=True):
+    stock: int
+    available: int
+    reserved: int
+    sold: int
+    last_seq: int
+
+
+def encode_commands(commands: list[Command]) -> bytes:
+    return _commands_encoder.encode(commands)
+
+
+def decode_replies(blob: bytes) -> list[Reply]:
+    return _replies_decoder.decode(blob)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def writer_lock_key(product_id: str) -> int:
+    """The advisory lock that fences the product's single writer, from its id."""
+    return int.from_bytes(uuid.UUID(product_id).bytes[:8], "big", signed=True)
+
+
+class ProductActor:
+    def __init__(self, product_id: str, config: ActorConfig) -> None:
+        self._product_id = product_id
+        self._config = config
+        self._state = ProductState()
+        self._writer: WalWriter | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._events_since_snapshot = 0
+        loop = asyncio.get_running_loop()  # Ray runs an async actor's constructor in its loop
+        self._recovery = loop.create_task(self._recover())
+        self._timer = loop.create_task(self._expire_holds_forever())
+
+    async def handle(self, blob: bytes) -> bytes:
+        """Decide a batch of encoded commands; returns their encoded replies, in order."""
+        replies = await self._decide_durably(_commands_decoder.decode(blob))
+        return _replies_encoder.encode(replies)
+
+    async def counts(self) -> ProductCounts:
+        await self._ready()
+        s = self._state
+        return ProductCounts(s.stock, s.available, s.reserved, s.sold, s.last_seq)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def _decide_durably(self, commands: list[Command]) -> list[Reply]:
+        writer = await self._ready()
+        if not writer.has_room():
+            raise ProductUnavailable("the product is overloaded")
+        state, policy, now = self._state, self._config.policy, now_ms()
+        replies: list[Reply] = []
+        events: list[Event] = []
+        for cmd in commands:
+            reply, new_events = execute(state, cmd, now, policy)
+            replies.append(reply)
+            events.extend(new_events)
+        if events:
+            touched = {event.order_id for event in events if hasattr(event, "order_id")}
+            first_seq = state.last_seq + 1
+            state.last_seq += len(events)
+            durable = writer.append(
+                first_seq, tuple(events), {oid: state.orders[oid] for oid in touched},
+                state.terms.currency if state.terms else "", self._maybe_snapshot(len(events)),
+            )
+        else:
+            durable = writer.durable()  # a duplicate's answer may rest on events still in flight
+        try:
+            await durable
+        except WalBroken:
+            self._start_recovery(writer)
+            raise ProductUnavailable("the write-ahead log could not be written") from None
+        return replies
+
+    def _maybe_snapshot(self, new_events: int) -> tuple[int, bytes] | None:
+        self._events_since_snapshot += new_events
+        if self._events_since_snapshot < self._config.snapshot_every_events:
+            return None
+        self._events_since_snapshot = 0
+        return self._state.last_seq, encode_state(self._state)
+
+    async def _ready(self) -> WalWriter:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._recovery), RECOVERY_WAIT_S)
+        except TimeoutError:
+            raise ProductUnavailable("the product is recovering") from None
+        assert self._writer is not None
+        return self._writer
+
+    def _start_recovery(self, broken: WalWriter) -> None:
+        if self._recovery.done() and self._writer is broken:
+            self._recovery = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        """Forget the in-memory state and rebuild it from what the database holds."""
+        if self._writer is not None:
+            await self._writer.close()
+        if self._conn is not None:
+            self._conn.terminate()
+        self._writer = self._conn = None
+        backoff_s = 0.05
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(self._config.dsn, timeout=CONNECT_TIMEOUT_S)
+                # Waits for an older incarnation's session to end: one writer ever appends.
+                await conn.execute("SELECT pg_advisory_lock($1)",
+                                   writer_lock_key(self._product_id))
+                rebuilt = await rebuild(conn, self._product_id)
+                break
+            except (OSError, TimeoutError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError) as error:
+                if conn is not None:
+                    conn.terminate()
+                log.warning("product %s: cannot recover yet (%s); retrying",
+                            self._product_id, error)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_MAX_S)
+        if rebuilt.corruption is not None:
+            conn.terminate()
+            raise ProductUnavailable(str(rebuilt.corruption))
+        self._state = rebuilt.state
+        self._events_since_snapshot = rebuilt.events_replayed
+        self._conn = conn
+        self._writer = WalWriter(conn, self._product_id, self._config.queue_depth_max)
+
+    async def _expire_holds_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HOLD_CHECK_INTERVAL_S)
+            holds = self._state.holds
+            if not self._recovery.done() or not holds or holds[0][0] > now_ms():
+                continue
+            try:
+                await self._decide_durably([ExpireHolds()])
+            except ProductUnavailable as error:
+                log.warning("product %s: holds not expired yet: %s", self._product_id, error)

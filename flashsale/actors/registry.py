@@ -1,0 +1,30 @@
+"""Finds or creates the product actors: one named, detached Ray actor per product."""
+
+import ray
+from ray.actor import ActorHandle
+
+from flashsale.actors.product_actor import ActorConfig, ProductActor
+
+NAMESPACE = "flashsale"
+# Calls only overlap while they await a commit; decisions themselves never interleave.
+MAX_CONCURRENCY = 64
+
+_RemoteProductActor = ray.remote(ProductActor)
+
+
+def actor_name(product_id: str) -> str:
+    return f"product-{product_id}"
+
+
+def product_actor(product_id: str, config: ActorConfig) -> ActorHandle:
+    """The product's actor, created on first use from any process; Ray restarts it on a crash."""
+    return _RemoteProductActor.options(  # type: ignore[return-value]
+        name=actor_name(product_id),
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+        max_restarts=-1,
+        max_task_retries=0,
+        max_concurrency=MAX_CONCURRENCY,
+        num_cpus=0,
+    ).remote(product_id, config)
