@@ -1,11 +1,20 @@
 """Shared fixtures: one embedded PostgreSQL per session, a clean database per test."""
 
 import itertools
-from collections.abc import AsyncIterator, Iterator
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
 import pytest
+import ray
+from ray.actor import ActorHandle
 
+from flashsale.actors.messages import DefineProduct, ProductTerms
+from flashsale.actors.product import Policy
+from flashsale.actors.product_actor import ActorConfig, send
+from flashsale.actors.registry import product_actor
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
 
@@ -47,3 +56,38 @@ async def database_dsn(embedded_pg: EmbeddedPostgres, template_database: str) ->
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray instance for the whole session (it takes seconds to start)."""
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+ProductFactory = Callable[..., Awaitable[tuple[str, ActorHandle]]]
+
+
+@pytest.fixture
+async def products(ray_session: None, database_dsn: str) -> AsyncIterator[ProductFactory]:
+    """Creates product actors on the test's database; kills them when the test ends."""
+    handles: list[ActorHandle] = []
+
+    async def create(stock: int = 100, limit: int = 1, hold_ttl_ms: int = 600_000,
+                     snapshot_every_events: int = 100_000,
+                     dsn: str | None = None) -> tuple[str, ActorHandle]:
+        product_id = str(uuid.uuid4())
+        config = ActorConfig(dsn or database_dsn, Policy(hold_ttl_ms=hold_ttl_ms),
+                             snapshot_every_events=snapshot_every_events)
+        actor = product_actor(product_id, config)
+        handles.append(actor)
+        now_ms = time.time_ns() // 1_000_000
+        terms = ProductTerms(product_id, 1_000, "INR", now_ms - 1_000, now_ms + 3_600_000, limit)
+        assert await send(actor, [DefineProduct(terms, stock)]) == [None]
+        return product_id, actor
+
+    yield create
+    for actor in handles:
+        ray.kill(actor, no_restart=True)

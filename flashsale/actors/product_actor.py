@@ -13,6 +13,7 @@ import uuid
 
 import asyncpg
 import msgspec
+from ray.actor import ActorHandle
 
 from flashsale.actors.messages import Command, Event, ExpireHolds
 from flashsale.actors.product import Policy, ProductState, Reply, execute
@@ -60,6 +61,11 @@ def decode_replies(blob: bytes) -> list[Reply]:
     return _replies_decoder.decode(blob)
 
 
+async def send(actor: ActorHandle, commands: list[Command]) -> list[Reply]:
+    """One actor call for a batch of commands; raises ProductUnavailable if none was decided."""
+    return decode_replies(await actor.handle.remote(encode_commands(commands)))
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -90,6 +96,11 @@ class ProductActor:
         await self._ready()
         s = self._state
         return ProductCounts(s.stock, s.available, s.reserved, s.sold, s.last_seq)
+
+    async def snapshot(self) -> bytes:
+        """The whole state, encoded as a snapshot (for audits and tests)."""
+        await self._ready()
+        return encode_state(self._state)
 
     def pid(self) -> int:
         return os.getpid()

@@ -11,7 +11,7 @@ import asyncpg
 import msgspec
 
 from flashsale.actors.messages import Event
-from flashsale.actors.product import ProductState, apply
+from flashsale.actors.product import ProductState, apply, check_invariants
 from flashsale.persistence.frames import CorruptRecord, unframe
 
 log = logging.getLogger(__name__)
@@ -91,3 +91,54 @@ async def rebuild(conn: asyncpg.Connection, product_id: str, *,
             replayed += last_seq - expected + 1
             state.last_seq = last_seq
     return Rebuilt(state, snapshot_seq, replayed, None)
+
+
+class ProductReport(msgspec.Struct):
+    product_id: str
+    stock: int
+    available: int
+    reserved: int
+    sold: int
+    last_seq: int
+    problems: list[str]
+
+
+async def logged_products(conn: asyncpg.Connection) -> list[str]:
+    rows = await conn.fetch("SELECT DISTINCT product_id FROM wal ORDER BY product_id")
+    return [str(row["product_id"]) for row in rows]
+
+
+async def report(conn: asyncpg.Connection, product_id: str, *, verify: bool) -> ProductReport:
+    """Rebuild one product; with `verify`, also check the invariants, that the snapshot agrees
+    with a replay of the whole WAL, and that the orders read model agrees with the WAL."""
+    rebuilt = await rebuild(conn, product_id)
+    state = rebuilt.state
+    problems = [str(rebuilt.corruption)] if rebuilt.corruption else []
+    if verify:
+        problems += [f"product {product_id}: {p}" for p in check_invariants(state)]
+        if rebuilt.snapshot_seq and not rebuilt.corruption:
+            full = await rebuild(conn, product_id, use_snapshot=False)
+            if full.state != state:
+                problems.append(f"product {product_id}: snapshot at seq {rebuilt.snapshot_seq} "
+                                "disagrees with a replay of the whole WAL")
+        problems += await _read_model_problems(conn, product_id, state)
+    return ProductReport(product_id, state.stock, state.available, state.reserved, state.sold,
+                         state.last_seq, problems)
+
+
+async def _read_model_problems(conn: asyncpg.Connection, product_id: str,
+                               state: ProductState) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT id::text, status, refund_status, payment_id FROM orders WHERE product_id = $1",
+        product_id,
+    )
+    stored = {row["id"]: (row["status"], row["refund_status"], row["payment_id"]) for row in rows}
+    logged = {
+        order_id: (o.status.value, o.refund_status.value, o.payment_id)
+        for order_id, o in state.orders.items()
+    }
+    differing = sorted(k for k in stored.keys() | logged.keys() if stored.get(k) != logged.get(k))
+    if not differing:
+        return []
+    return [f"product {product_id}: {len(differing)} orders differ between the WAL and the "
+            f"orders table, first {differing[0]}"]

@@ -1,0 +1,291 @@
+"""The product actor for real: Ray actors, PostgreSQL, kill -9, a database restart."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import pytest
+import ray
+from ray.actor import ActorHandle
+
+from flashsale.actors.messages import Command, PlaceOrder, Rejection
+from flashsale.actors.product import OrderRecord, OrderStatus, ProductState, Reply
+from flashsale.actors.product_actor import ProductUnavailable, send
+from flashsale.persistence.embedded import EmbeddedPostgres
+from flashsale.persistence.migrate import migrate
+from flashsale.persistence.replay import rebuild
+
+ProductFactory = Callable[..., Awaitable[tuple[str, ActorHandle]]]
+
+CallFailed = (ray.exceptions.RayError, ProductUnavailable)
+
+
+def place(quantity: int = 1) -> PlaceOrder:
+    return PlaceOrder(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()), quantity)
+
+
+async def live_state(actor: ActorHandle) -> ProductState:
+    return msgspec.msgpack.decode(await actor.snapshot.remote(), type=ProductState)
+
+
+async def send_until_decided(actor: ActorHandle, commands: list[Command],
+                             timeout_s: float = 60) -> list[Reply]:
+    """What a client does after an unanswered request: retry with the same idempotency keys
+    (a retry gets a fresh order id, as a new HTTP request would)."""
+    deadline = time.monotonic() + timeout_s
+    retried = [msgspec.structs.replace(c, order_id=str(uuid.uuid4()))
+               if isinstance(c, PlaceOrder) else c for c in commands]
+    while True:
+        try:
+            return await send(actor, retried)
+        except CallFailed:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+def replay_cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FLASHSALE_DATABASE_URL": dsn}
+    return subprocess.run([sys.executable, "-m", "flashsale.cli", "replay", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+async def test_concurrent_batches_never_oversell_and_the_log_has_no_gaps(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    product_id, actor = await products(stock=300, limit=2)
+
+    async def shopper_stream() -> list[Reply]:
+        replies: list[Reply] = []
+        for _ in range(8):
+            batch = [place(quantity=1 + n % 2) for n in range(25)]
+            answers = await send(actor, batch)
+            assert len(answers) == len(batch)
+            for cmd, reply in zip(batch, answers, strict=True):  # replies come back in order
+                if isinstance(reply, OrderRecord):
+                    assert (reply.user_id, reply.quantity) == (cmd.user_id, cmd.quantity)
+                else:
+                    assert reply is Rejection.OUT_OF_STOCK
+            replies += answers
+        return replies
+
+    streams = await asyncio.gather(*(shopper_stream() for _ in range(6)))
+    accepted = [r for replies in streams for r in replies if isinstance(r, OrderRecord)]
+    assert sum(order.quantity for order in accepted) == 300
+    counts = await actor.counts.remote()
+    assert (counts.available, counts.reserved, counts.sold) == (0, 300, 0)
+
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        ranges = await conn.fetch("SELECT first_seq, last_seq FROM wal WHERE product_id = $1 "
+                                  "ORDER BY first_seq", product_id)
+        expected_first = 1
+        for row in ranges:
+            assert row["first_seq"] == expected_first
+            expected_first = row["last_seq"] + 1
+        assert expected_first - 1 == counts.last_seq
+        stored = await conn.fetchval("SELECT count(*) FROM orders WHERE product_id = $1",
+                                     product_id)
+        assert stored == len(accepted)
+    finally:
+        await conn.close()
+    checked = replay_cli(database_dsn, "--verify", "--json")
+    assert checked.returncode == 0, checked.stderr
+    [report] = msgspec.json.decode(checked.stdout)
+    assert report["reserved"] == 300 and report["problems"] == []
+
+
+async def test_kill_9_loses_no_acknowledged_order_and_retries_create_no_second(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    product_id, actor = await products(stock=100_000, limit=1, snapshot_every_events=150)
+    acknowledged: dict[str, OrderRecord] = {}
+    unanswered: list[list[Command]] = []
+
+    async def shopper_stream() -> None:
+        for _ in range(40):
+            batch: list[Command] = [place() for _ in range(10)]
+            try:
+                replies = await send(actor, batch)
+            except CallFailed:
+                unanswered.append(batch)
+                continue
+            for reply in replies:
+                assert isinstance(reply, OrderRecord)
+                acknowledged[reply.user_id] = reply
+            await asyncio.sleep(0.005)
+
+    async def kill_mid_stream() -> None:
+        while len(acknowledged) < 300:
+            await asyncio.sleep(0.01)
+        os.kill(await actor.pid.remote(), signal.SIGKILL)
+
+    await asyncio.gather(*(shopper_stream() for _ in range(4)), kill_mid_stream())
+    assert unanswered, "the kill should have left some batches unanswered"
+
+    for batch in unanswered:
+        for cmd, reply in zip(batch, await send_until_decided(actor, batch), strict=True):
+            assert isinstance(cmd, PlaceOrder) and isinstance(reply, OrderRecord)
+            acknowledged[cmd.user_id] = reply
+
+    state = await live_state(actor)
+    for user_id, order in acknowledged.items():
+        assert state.orders[order.order_id].status is OrderStatus.PENDING
+        assert state.orders[order.order_id].user_id == user_id
+    # One order per idempotency key: retries of orders that had committed found them.
+    assert len(state.orders) == len(acknowledged) == 4 * 40 * 10
+
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM snapshots WHERE product_id = $1",
+                                   product_id) > 0
+        from_scratch = await rebuild(conn, product_id, use_snapshot=False)
+        assert from_scratch.corruption is None and from_scratch.state == state
+    finally:
+        await conn.close()
+
+
+async def test_a_postgres_restart_acknowledges_nothing_unflushed(
+    products: ProductFactory, tmp_path: Path
+) -> None:
+    server = EmbeddedPostgres(tmp_path).start()
+    try:
+        conn = await asyncpg.connect(server.dsn())
+        await migrate(conn)
+        await conn.close()
+        product_id, actor = await products(stock=100_000, dsn=server.dsn())
+        acknowledged: dict[str, OrderRecord] = {}
+        unanswered: list[list[Command]] = []
+
+        async def shopper_stream() -> None:
+            for _ in range(100):
+                batch: list[Command] = [place() for _ in range(5)]
+                try:
+                    replies = await send(actor, batch)
+                except CallFailed:
+                    unanswered.append(batch)
+                    await asyncio.sleep(0.05)
+                    continue
+                for reply in replies:
+                    assert isinstance(reply, OrderRecord)
+                    acknowledged[reply.user_id] = reply
+                await asyncio.sleep(0.01)
+
+        async def restart_postgres() -> None:
+            while len(acknowledged) < 50:
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(server.stop)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(server.restart)
+
+        await asyncio.gather(shopper_stream(), restart_postgres())
+        assert unanswered, "the restart should have left some batches unanswered"
+        for batch in unanswered:
+            for cmd, reply in zip(batch, await send_until_decided(actor, batch), strict=True):
+                assert isinstance(cmd, PlaceOrder) and isinstance(reply, OrderRecord)
+                acknowledged[cmd.user_id] = reply
+
+        conn = await asyncpg.connect(server.dsn())
+        try:
+            durable = await rebuild(conn, product_id)
+        finally:
+            await conn.close()
+        assert durable.corruption is None
+        for order in acknowledged.values():
+            assert durable.state.orders[order.order_id].status is OrderStatus.PENDING
+        assert len(durable.state.orders) == len(acknowledged)
+        assert durable.state == await live_state(actor)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "substring(record from 1 for length(record) - 3)",  # a torn write
+        "set_byte(record, length(record) / 2, get_byte(record, length(record) / 2) # 1)",
+    ],
+    ids=["cut-short", "flipped-byte"],
+)
+async def test_a_damaged_last_record_stops_replay_there(
+    products: ProductFactory, database_dsn: str, damage: str
+) -> None:
+    product_id, actor = await products(stock=100, limit=5)
+    for _ in range(3):
+        await send(actor, [place() for _ in range(4)])
+    ray.kill(actor, no_restart=True)
+
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        last_first_seq = await conn.fetchval(
+            "SELECT max(first_seq) FROM wal WHERE product_id = $1", product_id)
+        await conn.execute(f"UPDATE wal SET record = {damage} "
+                           "WHERE product_id = $1 AND first_seq = $2", product_id, last_first_seq)
+        rebuilt = await rebuild(conn, product_id)
+    finally:
+        await conn.close()
+    assert rebuilt.corruption is not None and rebuilt.corruption.seq == last_first_seq
+    assert rebuilt.state.last_seq == last_first_seq - 1
+    assert rebuilt.state.reserved == 8  # the damaged batch of four is not applied
+
+    checked = replay_cli(database_dsn, "--product", product_id)
+    assert checked.returncode == 1
+    assert f"product {product_id}: WAL corrupt at seq {last_first_seq}" in checked.stderr
+
+
+async def test_an_actor_refuses_to_serve_from_a_corrupt_log(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    product_id, actor = await products(stock=10)
+    await send(actor, [place()])
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        await conn.execute("UPDATE wal SET record = substring(record from 1 for 5) "
+                           "WHERE product_id = $1 AND first_seq = 2", product_id)
+    finally:
+        await conn.close()
+    os.kill(await actor.pid.remote(), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            await send(actor, [place()])
+        except ProductUnavailable as error:
+            assert f"product {product_id}: WAL corrupt at seq 2" in str(error)
+            return
+        except ray.exceptions.RayError:  # still restarting
+            await asyncio.sleep(0.1)
+            continue
+        pytest.fail("the actor served from a corrupt log")
+    pytest.fail("the actor never came back to refuse")
+
+
+async def test_holds_expire_within_a_second_with_no_request(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    product_id, actor = await products(stock=5, hold_ttl_ms=1_000)
+    [order] = await send(actor, [place(quantity=1)])
+    assert isinstance(order, OrderRecord)
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            row = await conn.fetchrow(
+                "SELECT status, extract(epoch FROM updated_at - expires_at) AS late_s "
+                "FROM orders WHERE id = $1", order.order_id)
+            if row["status"] == "expired" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    assert row["status"] == "expired"
+    assert 0 <= row["late_s"] <= 1.0
+    counts = await actor.counts.remote()
+    assert (counts.available, counts.reserved) == (5, 0)
