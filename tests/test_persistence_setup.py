@@ -27,7 +27,7 @@ async def test_concurrent_migrators_apply_each_migration_once(embedded_pg: objec
                                                               database_dsn: str) -> None:
     conn = await asyncpg.connect(database_dsn)
     try:
-        await conn.execute("DROP TABLE products; DROP TABLE schema_version")
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     finally:
         await conn.close()
 
