@@ -60,7 +60,7 @@ def command_for(action: str, args: list[str]) -> list[str]:
 
 
 def lint() -> int:
-    ruff = subprocess.run([str(BIN / "ruff"), "check", "flashsale", "tests"], cwd=ROOT)
+    ruff = subprocess.run([str(BIN / "ruff"), "check", "flashsale", "tests", "bench"], cwd=ROOT)
     mypy = subprocess.run([str(BIN / "mypy"), "flashsale"], cwd=ROOT)
     return ruff.returncode or mypy.returncode
 

@@ -62,7 +62,7 @@ async def database_dsn(embedded_pg: EmbeddedPostgres, template_database: str) ->
 def ray_session() -> Iterator[None]:
     """One local Ray instance for the whole session (it takes seconds to start)."""
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

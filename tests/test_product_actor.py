@@ -19,6 +19,7 @@ from ray.actor import ActorHandle
 from flashsale.actors.messages import Command, PlaceOrder, Rejection
 from flashsale.actors.product import OrderRecord, OrderStatus, ProductState, Reply
 from flashsale.actors.product_actor import ProductUnavailable, send
+from flashsale.ids import uuid7
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
 from flashsale.persistence.replay import rebuild
@@ -29,7 +30,7 @@ CallFailed = (ray.exceptions.RayError, ProductUnavailable)
 
 
 def place(quantity: int = 1) -> PlaceOrder:
-    return PlaceOrder(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()), quantity)
+    return PlaceOrder(uuid7(), str(uuid.uuid4()), str(uuid.uuid4()), quantity)
 
 
 async def live_state(actor: ActorHandle) -> ProductState:
@@ -41,7 +42,7 @@ async def send_until_decided(actor: ActorHandle, commands: list[Command],
     """What a client does after an unanswered request: retry with the same idempotency keys
     (a retry gets a fresh order id, as a new HTTP request would)."""
     deadline = time.monotonic() + timeout_s
-    retried = [msgspec.structs.replace(c, order_id=str(uuid.uuid4()))
+    retried = [msgspec.structs.replace(c, order_id=uuid7())
                if isinstance(c, PlaceOrder) else c for c in commands]
     while True:
         try:
@@ -278,7 +279,7 @@ async def test_holds_expire_within_a_second_with_no_request(
         deadline = time.monotonic() + 10
         while True:
             row = await conn.fetchrow(
-                "SELECT status, extract(epoch FROM updated_at - expires_at) AS late_s "
+                "SELECT status, (updated_at_ms - expires_at_ms) / 1000.0 AS late_s "
                 "FROM orders WHERE id = $1", order.order_id)
             if row["status"] == "expired" or time.monotonic() > deadline:
                 break

@@ -15,10 +15,10 @@ import asyncpg
 import msgspec
 from ray.actor import ActorHandle
 
-from flashsale.actors.messages import Command, Event, ExpireHolds
+from flashsale.actors.messages import Command, Event, ExpireHolds, OrderPlaced
 from flashsale.actors.product import Policy, ProductState, Reply, execute
 from flashsale.persistence.replay import encode_state, rebuild
-from flashsale.persistence.wal import QUEUE_DEPTH_MAX, WalBroken, WalWriter
+from flashsale.persistence.wal import QUEUE_DEPTH_MAX, OrderChanges, WalBroken, WalWriter
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,16 @@ def writer_lock_key(product_id: str) -> int:
     return int.from_bytes(uuid.UUID(product_id).bytes[:8], "big", signed=True)
 
 
+def _order_changes(state: ProductState, events: list[Event]) -> OrderChanges:
+    changes = OrderChanges({}, {})
+    for event in events:
+        if isinstance(event, OrderPlaced):
+            changes.placed[event.order_id] = state.orders[event.order_id]
+        elif order_id := getattr(event, "order_id", None):
+            changes.changed[order_id] = state.orders[order_id]
+    return changes
+
+
 class ProductActor:
     def __init__(self, product_id: str, config: ActorConfig) -> None:
         self._product_id = product_id
@@ -117,11 +127,10 @@ class ProductActor:
             replies.append(reply)
             events.extend(new_events)
         if events:
-            touched = {event.order_id for event in events if hasattr(event, "order_id")}
             first_seq = state.last_seq + 1
             state.last_seq += len(events)
             durable = writer.append(
-                first_seq, tuple(events), {oid: state.orders[oid] for oid in touched},
+                first_seq, tuple(events), _order_changes(state, events),
                 state.terms.currency if state.terms else "", self._maybe_snapshot(len(events)),
             )
         else:

@@ -21,22 +21,20 @@ QUEUE_DEPTH_MAX = 256
 EVENTS_PER_FLUSH_MAX = 50_000
 SNAPSHOTS_KEPT = 2
 
-_UPSERT_ORDERS = """
-INSERT INTO orders (id, product_id, user_id, idempotency_key, quantity, unit_price_minor,
-                    currency, status, payment_id, refund_status, refund_amount_minor,
-                    expires_at, confirmed_at, created_at, updated_at)
-SELECT o.id, $1, o.user_id, o.idempotency_key, o.quantity, o.unit_price_minor, $2, o.status,
-       o.payment_id, o.refund_status, o.refund_amount_minor,
-       to_timestamp(o.expires_ms / 1000.0), to_timestamp(o.confirmed_ms / 1000.0),
-       to_timestamp(o.created_ms / 1000.0), to_timestamp(o.updated_ms / 1000.0)
-FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::int4[], $7::int8[], $8::text[], $9::text[],
-            $10::text[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::int8[])
-     AS o(id, user_id, idempotency_key, quantity, unit_price_minor, status, payment_id,
-          refund_status, refund_amount_minor, expires_ms, confirmed_ms, created_ms, updated_ms)
-ON CONFLICT (id) DO UPDATE SET
-    status = EXCLUDED.status, payment_id = EXCLUDED.payment_id,
-    refund_status = EXCLUDED.refund_status, refund_amount_minor = EXCLUDED.refund_amount_minor,
-    confirmed_at = EXCLUDED.confirmed_at, updated_at = EXCLUDED.updated_at
+ORDER_COLUMNS = (
+    "id", "product_id", "user_id", "quantity", "unit_price_minor", "currency", "status",
+    "payment_id", "refund_status", "refund_amount_minor", "expires_at_ms", "confirmed_at_ms",
+    "created_at_ms", "updated_at_ms",
+)
+
+_UPDATE_ORDERS = """
+UPDATE orders SET status = u.status, payment_id = u.payment_id, refund_status = u.refund_status,
+                  refund_amount_minor = u.refund_amount_minor,
+                  confirmed_at_ms = u.confirmed_at_ms, updated_at_ms = u.updated_at_ms
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[])
+     AS u(id, status, payment_id, refund_status, refund_amount_minor, confirmed_at_ms,
+          updated_at_ms)
+WHERE orders.id = u.id
 """
 
 
@@ -48,21 +46,47 @@ class WalBroken(Exception):
     """An earlier flush failed; the writer accepts nothing until its owner recovers."""
 
 
+class OrderChanges(NamedTuple):
+    """The orders an append touches, as they stand after it: new ones and changed ones."""
+
+    placed: dict[str, OrderRecord]
+    changed: dict[str, OrderRecord]
+
+
 class _Append(NamedTuple):
     first_seq: int
     events: tuple[Event, ...]
-    orders: dict[str, OrderRecord]
+    orders: OrderChanges
     currency: str
     snapshot: tuple[int, bytes] | None
     durable: asyncio.Future[None]
 
 
-def order_columns(orders: Iterable[OrderRecord]) -> list[list[object]]:
-    """The read-model columns of `orders`, one list per column, in _UPSERT_ORDERS order."""
+def _merge(batch: list[_Append]) -> OrderChanges:
+    """One row per order for the whole flush; an order placed in it is inserted as it ends."""
+    merged = OrderChanges({}, {})
+    for item in batch:
+        merged.placed.update(item.orders.placed)
+        for order_id, order in item.orders.changed.items():
+            target = merged.placed if order_id in merged.placed else merged.changed
+            target[order_id] = order
+    return merged
+
+
+def _new_rows(product_id: str, currency: str,
+              orders: Iterable[OrderRecord]) -> list[tuple[object, ...]]:
+    return [
+        (o.order_id, product_id, o.user_id, o.quantity, o.unit_price_minor, currency,
+         o.status.value, o.payment_id, o.refund_status.value, o.refund_amount_minor,
+         o.expires_at_ms, o.confirmed_at_ms, o.created_at_ms, o.updated_at_ms)
+        for o in orders
+    ]
+
+
+def _changed_columns(orders: Iterable[OrderRecord]) -> list[list[object]]:
     rows = [
-        (o.order_id, o.user_id, o.idempotency_key, o.quantity, o.unit_price_minor, o.status.value,
-         o.payment_id, o.refund_status.value, o.refund_amount_minor, o.expires_at_ms,
-         o.confirmed_at_ms, o.created_at_ms, o.updated_at_ms)
+        (o.order_id, o.status.value, o.payment_id, o.refund_status.value, o.refund_amount_minor,
+         o.confirmed_at_ms, o.updated_at_ms)
         for o in orders
     ]
     return [list(column) for column in zip(*rows, strict=True)]
@@ -83,7 +107,7 @@ class WalWriter:
     def has_room(self) -> bool:
         return self.failure is None and len(self._queue) < self._queue_depth_max
 
-    def append(self, first_seq: int, events: tuple[Event, ...], orders: dict[str, OrderRecord],
+    def append(self, first_seq: int, events: tuple[Event, ...], orders: OrderChanges,
                currency: str, snapshot: tuple[int, bytes] | None = None) -> asyncio.Future[None]:
         if self.failure is not None:
             raise WalBroken("the write-ahead log failed earlier") from self.failure
@@ -136,9 +160,7 @@ class WalWriter:
 
     async def _flush(self, batch: list[_Append]) -> None:
         events = [event for item in batch for event in item.events]
-        orders: dict[str, OrderRecord] = {}
-        for item in batch:
-            orders.update(item.orders)
+        orders = _merge(batch)
         snapshots = [item.snapshot for item in batch if item.snapshot is not None]
         first_seq = batch[0].first_seq
         async with self._conn.transaction():
@@ -149,9 +171,15 @@ class WalWriter:
                     self._product_id, first_seq, first_seq + len(events) - 1,
                     frame(event_encoder.encode(events)),
                 )
-            if orders:
-                await self._conn.execute(_UPSERT_ORDERS, self._product_id, batch[-1].currency,
-                                         *order_columns(orders.values()))
+            if orders.placed:
+                await self._conn.copy_records_to_table(
+                    "orders", columns=ORDER_COLUMNS,
+                    records=_new_rows(self._product_id, batch[-1].currency,
+                                      orders.placed.values()),
+                )
+            if orders.changed:
+                await self._conn.execute(_UPDATE_ORDERS,
+                                         *_changed_columns(orders.changed.values()))
             for seq, state in snapshots:
                 await self._write_snapshot(seq, state)
 

@@ -19,12 +19,12 @@ CREATE TABLE snapshots (
 );
 
 -- The orders read model, written in the same transaction as the WAL rows that change it, so an
--- acknowledged order is readable at once. The WAL stays the source of truth.
+-- acknowledged order is readable at once. The WAL stays the source of truth. Times are Unix epoch
+-- milliseconds, as the WAL records them; ids are time-ordered (UUIDv7), so id order is age order.
 CREATE TABLE orders (
     id uuid PRIMARY KEY,
     product_id uuid NOT NULL,
     user_id uuid NOT NULL,
-    idempotency_key text NOT NULL,
     quantity integer NOT NULL,
     unit_price_minor bigint NOT NULL,
     currency char(3) NOT NULL,
@@ -32,9 +32,9 @@ CREATE TABLE orders (
     payment_id text,
     refund_status text NOT NULL,
     refund_amount_minor bigint NOT NULL,
-    expires_at timestamptz NOT NULL,
-    confirmed_at timestamptz,
-    created_at timestamptz NOT NULL,
-    updated_at timestamptz NOT NULL
+    expires_at_ms bigint NOT NULL,
+    confirmed_at_ms bigint,
+    created_at_ms bigint NOT NULL,
+    updated_at_ms bigint NOT NULL
 );
-CREATE INDEX orders_by_user ON orders (user_id, created_at DESC);
+CREATE INDEX orders_by_user ON orders (user_id, id DESC);

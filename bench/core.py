@@ -1,0 +1,196 @@
+"""`python -m bench core`: one product actor and its WAL, without HTTP, next to pgbench.
+
+Measures durable reservations per second (batches of 1,000 PlaceOrder commands, each answered
+only after its COMMIT), pgbench's hot-row UPDATE on the same server, the time a product actor
+with a long WAL takes to serve again after `kill -9`, and the actor's memory.
+"""
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import psutil
+import ray
+
+from flashsale.actors.messages import DefineProduct, PlaceOrder, ProductTerms
+from flashsale.actors.product import OrderRecord, Policy
+from flashsale.actors.product_actor import (
+    ActorConfig,
+    decode_replies,
+    encode_commands,
+    now_ms,
+    send,
+)
+from flashsale.actors.registry import product_actor
+from flashsale.ids import uuid7
+from flashsale.persistence.embedded import POSTGRES_BIN_PATH, EmbeddedPostgres
+from flashsale.persistence.migrate import migrate
+
+BATCH_SIZE = 1_000
+CALLS_IN_FLIGHT = 8
+PGBENCH_CLIENTS = 64
+HOT_ROW_UPDATE = "UPDATE products SET stock = stock - 1 WHERE id = 1 AND stock >= 1;\n"
+
+
+class CoreResult(msgspec.Struct):
+    reservations_per_s: float
+    batch_size: int
+    reservations: int
+    pgbench_tps: float
+    ratio: float
+    recovery_s: float
+    recovery_events: int
+    actor_rss_mb: float
+    small_sale_actor_rss_mb: float
+
+
+def say(message: str) -> None:
+    print(f"[bench core] {message}", flush=True)
+
+
+async def reserve(actor: ray.actor.ActorHandle, reservations: int) -> float:
+    """Durable reservations per second, with a few batches in flight so commits group."""
+    blobs = [
+        encode_commands([PlaceOrder(uuid7(), str(uuid.uuid4()), "k", 1)
+                         for _ in range(BATCH_SIZE)])
+        for _ in range(reservations // BATCH_SIZE)
+    ]
+    gate = asyncio.Semaphore(CALLS_IN_FLIGHT)
+    done = 0
+
+    async def one(blob: bytes) -> None:
+        nonlocal done
+        async with gate:
+            replies = decode_replies(await actor.handle.remote(blob))
+        if len(replies) != BATCH_SIZE or not all(isinstance(r, OrderRecord) for r in replies):
+            raise RuntimeError("a reservation was refused or lost")
+        done += 1
+        if done % max(1, len(blobs) // 10) == 0:
+            say(f"  {done * BATCH_SIZE:,} of {reservations:,} reserved")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(blob) for blob in blobs))
+    return len(blobs) * BATCH_SIZE / (time.perf_counter() - started)
+
+
+def pgbench(server: EmbeddedPostgres, seconds: int, workdir: Path) -> float:
+    """pgbench's hot-row UPDATE on the same server, as the classic design would do it."""
+    socket_dir = server.dsn().split("host=", 1)[1]
+    psql = [str(POSTGRES_BIN_PATH / "psql"), "-q", "-h", socket_dir, "-U", "postgres"]
+    subprocess.run([*psql, "-c", "CREATE DATABASE pgbench_hot"], check=True)
+    subprocess.run([*psql, "-d", "pgbench_hot", "-c",
+                    "CREATE TABLE products (id int PRIMARY KEY, stock int NOT NULL);"
+                    "INSERT INTO products VALUES (1, 2000000000)"], check=True)
+    script = workdir / "hot_row.sql"
+    script.write_text(HOT_ROW_UPDATE)
+    out = subprocess.run(
+        [str(POSTGRES_BIN_PATH / "pgbench"), "-n", "-c", str(PGBENCH_CLIENTS), "-j", "2",
+         "-T", str(seconds), "-f", str(script), "-h", socket_dir, "-U", "postgres",
+         "pgbench_hot"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    match = re.search(r"tps = ([\d.]+)", out)
+    if match is None:
+        raise RuntimeError(f"pgbench printed no tps:\n{out}")
+    return float(match[1])
+
+
+async def define(actor: ray.actor.ActorHandle, product_id: str, stock: int) -> None:
+    now = now_ms()
+    terms = ProductTerms(product_id, 100, "INR", now - 1_000, now + 86_400_000, 1)
+    await send(actor, [DefineProduct(terms, stock)])
+
+
+async def recover_after_kill(actor: ray.actor.ActorHandle) -> tuple[float, int]:
+    """Seconds from `kill -9` until the actor answers again, and the events it recovered."""
+    os.kill(await actor.pid.remote(), signal.SIGKILL)
+    started = time.perf_counter()
+    while True:
+        try:
+            counts = await actor.counts.remote()
+            return time.perf_counter() - started, counts.last_seq
+        except ray.exceptions.RayError:
+            await asyncio.sleep(0.01)
+
+
+def rss_mb(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 1e6
+
+
+async def measure(server: EmbeddedPostgres, quick: bool, workdir: Path) -> CoreResult:
+    conn = await asyncpg.connect(server.dsn())
+    await migrate(conn)
+    await conn.close()
+    config = ActorConfig(server.dsn(), Policy(hold_ttl_ms=86_400_000))
+    reservations = 100_000 if quick else 1_000_000
+
+    hot_id = str(uuid.uuid4())
+    hot = product_actor(hot_id, config)
+    await define(hot, hot_id, stock=2_000_000_000)
+    say(f"reserving {reservations:,} units in batches of {BATCH_SIZE:,}")
+    per_s = await reserve(hot, reservations)
+    say(f"  {per_s:,.0f} durable reservations/s")
+
+    seconds = 5 if quick else 15
+    say(f"pgbench: hot-row UPDATE, {PGBENCH_CLIENTS} clients, {seconds} s")
+    tps = await asyncio.to_thread(pgbench, server, seconds, workdir)
+    say(f"  {tps:,.0f} tps")
+
+    say("kill -9 of the actor; timing until it serves again")
+    recovery_s, events = await recover_after_kill(hot)
+    actor_rss = rss_mb(await hot.pid.remote())
+    say(f"  served again after {recovery_s:.2f} s with {events:,} events; RSS {actor_rss:.0f} MB")
+
+    small_id = str(uuid.uuid4())
+    small = product_actor(small_id, config)
+    await define(small, small_id, stock=500)
+    for _ in range(5):
+        await send(small, [PlaceOrder(uuid7(), str(uuid.uuid4()), "k", 1) for _ in range(1_000)])
+    small_rss = rss_mb(await small.pid.remote())
+    say(f"a sale of 500 units after 5,000 orders: actor RSS {small_rss:.0f} MB")
+    for actor in (hot, small):
+        ray.kill(actor, no_restart=True)
+    return CoreResult(per_s, BATCH_SIZE, reservations, tps, per_s / tps, recovery_s, events,
+                      actor_rss, small_rss)
+
+
+def run_core(quick: bool, out_dir: Path) -> CoreResult:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-core-", dir=out_dir) as scratch:
+        workdir = Path(scratch)
+        server = EmbeddedPostgres(workdir).start()
+        os.environ.pop("RAY_ADDRESS", None)  # measure on a local instance of our own
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            result = asyncio.run(measure(server, quick, workdir))
+        finally:
+            ray.shutdown()
+            server.close()
+    (out_dir / "core.json").write_bytes(msgspec.json.format(msgspec.json.encode(result)))
+    print_table(result)
+    say(f"wrote {out_dir / 'core.json'}")
+    return result
+
+
+def print_table(r: CoreResult) -> None:
+    rows = [
+        ("durable reservations/s", f"{r.reservations_per_s:,.0f}", ">= 200,000"),
+        ("pgbench hot-row UPDATE tps", f"{r.pgbench_tps:,.0f}", ""),
+        ("ratio", f"{r.ratio:.1f}x", ">= 40x"),
+        ("recovery after kill -9", f"{r.recovery_s:.2f} s ({r.recovery_events:,} events)",
+         "<= 2 s (1,000,000 events)"),
+        ("actor RSS, after recovery", f"{r.actor_rss_mb:.0f} MB", "<= 60 MB"),
+        ("actor RSS, sale of 500 units", f"{r.small_sale_actor_rss_mb:.0f} MB", "<= 60 MB"),
+    ]
+    print(f"\n{'measure':30}  {'result':34}  bar")
+    for name, value, bar in rows:
+        print(f"{name:30}  {value:34}  {bar}")
+    print()
