@@ -22,7 +22,7 @@ EVENTS_PER_FLUSH_MAX = 50_000
 SNAPSHOTS_KEPT = 2
 
 ORDER_COLUMNS = (
-    "id", "product_id", "user_id", "quantity", "unit_price_minor", "currency", "status",
+    "id", "product_id", "user_id", "idempotency_key", "quantity", "unit_price_minor", "currency", "status",
     "payment_id", "refund_status", "refund_amount_minor", "expires_at_ms", "confirmed_at_ms",
     "created_at_ms", "updated_at_ms",
 )
@@ -76,8 +76,8 @@ def _merge(batch: list[_Append]) -> OrderChanges:
 def _new_rows(product_id: str, currency: str,
               orders: Iterable[OrderRecord]) -> list[tuple[object, ...]]:
     return [
-        (o.order_id, product_id, o.user_id, o.quantity, o.unit_price_minor, currency,
-         o.status.value, o.payment_id, o.refund_status.value, o.refund_amount_minor,
+        (o.order_id, product_id, o.user_id, o.idempotency_key, o.quantity, o.unit_price_minor,
+         currency, o.status.value, o.payment_id, o.refund_status.value, o.refund_amount_minor,
          o.expires_at_ms, o.confirmed_at_ms, o.created_at_ms, o.updated_at_ms)
         for o in orders
     ]

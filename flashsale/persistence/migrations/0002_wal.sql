@@ -25,6 +25,7 @@ CREATE TABLE orders (
     id uuid PRIMARY KEY,
     product_id uuid NOT NULL,
     user_id uuid NOT NULL,
+    idempotency_key text NOT NULL,
     quantity integer NOT NULL,
     unit_price_minor bigint NOT NULL,
     currency char(3) NOT NULL,
@@ -37,4 +38,5 @@ CREATE TABLE orders (
     created_at_ms bigint NOT NULL,
     updated_at_ms bigint NOT NULL
 );
-CREATE INDEX orders_by_user ON orders (user_id, id DESC);
+-- Keys are scoped to the user across products; this also serves a user's order list.
+CREATE UNIQUE INDEX orders_by_user_key ON orders (user_id, idempotency_key);
