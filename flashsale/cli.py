@@ -3,15 +3,16 @@
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 import uuid
 
 import msgspec
+import uvloop
 
 from flashsale.config import ConfigError, Settings, load_settings
 from flashsale.persistence.database import connect, open_database
 from flashsale.persistence.replay import ProductReport, logged_products, report
+from flashsale.serve import serve
 
 
 def _serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -26,34 +27,15 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--data-dir", help="embedded database and generated secrets "
                        "(default $FLASHSALE_DATA_DIR or ./.flashsale)")
+    serve.add_argument("--demo", action="store_true",
+                       help="create an admin and a live demo sale if the database has no users, "
+                       "and print what to try")
     serve.set_defaults(run=_serve)
-
-
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
-async def _serve_async(settings: Settings) -> None:
-    stop = _stop_on_signals()
-    database = await open_database(settings)
-    try:
-        where = f"embedded in {database.embedded.pgdata}" if database.embedded else "external"
-        print(f"flashsale: PostgreSQL ready ({where}), schema migrated", flush=True)
-        print("flashsale: the HTTP API is not built yet; nothing listens on "
-              f"{settings.base_url}. Press Ctrl-C to stop.", flush=True)
-        await stop.wait()
-    finally:
-        database.close()
-        print("flashsale: stopped", flush=True)
 
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(host=args.host, port=args.port, data_dir=args.data_dir)
-    asyncio.run(_serve_async(settings))
+    uvloop.run(serve(settings, args.demo))
     return 0
 
 

@@ -22,9 +22,9 @@ EVENTS_PER_FLUSH_MAX = 50_000
 SNAPSHOTS_KEPT = 2
 
 ORDER_COLUMNS = (
-    "id", "product_id", "user_id", "idempotency_key", "quantity", "unit_price_minor", "currency", "status",
-    "payment_id", "refund_status", "refund_amount_minor", "expires_at_ms", "confirmed_at_ms",
-    "created_at_ms", "updated_at_ms",
+    "id", "product_id", "user_id", "idempotency_key", "quantity", "unit_price_minor",
+    "currency", "status", "payment_id", "refund_status", "refund_amount_minor",
+    "expires_at_ms", "confirmed_at_ms", "created_at_ms", "updated_at_ms",
 )
 
 _UPDATE_ORDERS = """

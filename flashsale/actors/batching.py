@@ -1,0 +1,112 @@
+"""Micro-batching: concurrent commands for one product become one actor call.
+
+While calls are in flight, new commands wait and go out together in the next call; an idle
+product answers a lone command at once. Queues and batches are bounded: a full queue, an actor
+that is down or a call that takes too long is a fast ProductUnavailable (a 503), never a hang.
+"""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import ray
+from ray.actor import ActorHandle
+
+from flashsale.actors.messages import Command, Rejection
+from flashsale.actors.product import Reply
+from flashsale.actors.product_actor import ActorConfig, ProductCounts, ProductUnavailable, send
+from flashsale.actors.registry import product_actor
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE_MAX = 1_000
+QUEUE_DEPTH_MAX = 10_000
+CALLS_IN_FLIGHT_MAX = 4
+CALL_TIMEOUT_S = 5.0
+
+# Refuses some commands before they reach the actor (None: let the actor decide).
+Screen = Callable[[str, list[Command]], Awaitable[list[Rejection | None]]]
+
+
+class ProductBatcher:
+    def __init__(self, product_id: str, actor: ActorHandle, screen: Screen | None) -> None:
+        self._product_id = product_id
+        self._actor = actor
+        self._screen = screen
+        self._waiting: list[tuple[Command, asyncio.Future[Reply]]] = []
+        self._in_flight = 0
+        self._kick_scheduled = False
+
+    async def submit(self, cmd: Command) -> Reply:
+        if len(self._waiting) >= QUEUE_DEPTH_MAX:
+            raise ProductUnavailable("too many requests are waiting for this product")
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Reply] = loop.create_future()
+        self._waiting.append((cmd, reply))
+        if not self._kick_scheduled:
+            # Commands arriving in the same loop iteration leave in the same call.
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
+        return await reply
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        while self._waiting and self._in_flight < CALLS_IN_FLIGHT_MAX:
+            batch = self._waiting[:BATCH_SIZE_MAX]
+            del self._waiting[:BATCH_SIZE_MAX]
+            self._in_flight += 1
+            asyncio.get_running_loop().create_task(self._call(batch))
+
+    async def _call(self, batch: list[tuple[Command, asyncio.Future[Reply]]]) -> None:
+        try:
+            commands = [cmd for cmd, _ in batch]
+            screened = await self._screen(self._product_id, commands) if self._screen else []
+            to_send = [i for i in range(len(batch)) if not screened or screened[i] is None]
+            replies: list[Reply] = list(screened) if screened else [None] * len(batch)
+            if to_send:
+                decided = await asyncio.wait_for(send(self._actor, [commands[i] for i in to_send]),
+                                                 CALL_TIMEOUT_S)
+                for i, reply in zip(to_send, decided, strict=True):
+                    replies[i] = reply
+            for (_, future), reply in zip(batch, replies, strict=True):
+                if not future.done():
+                    future.set_result(reply)
+        except Exception as error:  # every waiter must be answered, whatever failed
+            if not isinstance(error, ProductUnavailable | ray.exceptions.RayError | TimeoutError):
+                log.warning("product %s: batch failed", self._product_id, exc_info=True)
+            failure = ProductUnavailable(f"product {self._product_id} did not answer: "
+                                         f"{type(error).__name__}")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(failure)
+        finally:
+            self._in_flight -= 1
+            self._kick()
+
+
+class ProductRouter:
+    """Routes commands by product id to that product's batcher (one per product)."""
+
+    def __init__(self, config: ActorConfig, screen: Screen | None = None) -> None:
+        self._config = config
+        self._screen = screen
+        self._batchers: dict[str, ProductBatcher] = {}
+        self._actors: dict[str, ActorHandle] = {}
+
+    def actor(self, product_id: str) -> ActorHandle:
+        if product_id not in self._actors:
+            self._actors[product_id] = product_actor(product_id, self._config)
+        return self._actors[product_id]
+
+    async def submit(self, product_id: str, cmd: Command) -> Reply:
+        batcher = self._batchers.get(product_id)
+        if batcher is None:
+            batcher = ProductBatcher(product_id, self.actor(product_id), self._screen)
+            self._batchers[product_id] = batcher
+        return await batcher.submit(cmd)
+
+    async def counts(self, product_id: str) -> ProductCounts:
+        try:
+            return await asyncio.wait_for(self.actor(product_id).counts.remote(), CALL_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError) as error:
+            raise ProductUnavailable(f"product {product_id}: {type(error).__name__}") from None

@@ -1,0 +1,48 @@
+"""The aiohttp application: every route in one place."""
+
+import asyncio
+
+import asyncpg
+import ray
+from aiohttp import web
+
+from flashsale.http import routes_auth, routes_orders, routes_products
+from flashsale.http.engine import ENGINE, Engine
+from flashsale.http.problems import problem, problem_middleware
+from flashsale.http.schemas import json_response
+
+BODY_BYTES_MAX = 64 * 1024
+HEALTH_TIMEOUT_S = 2.0
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 once the database and Ray answer; 503 otherwise."""
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT_S):
+            await request.app[ENGINE].db.fetchval("SELECT 1")
+            await asyncio.to_thread(ray.cluster_resources)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+            ray.exceptions.RayError) as error:
+        return problem("unavailable", f"not ready: {type(error).__name__}")
+    return json_response({"status": "ok"})
+
+
+def create_app(engine: Engine) -> web.Application:
+    app = web.Application(middlewares=[problem_middleware], client_max_size=BODY_BYTES_MAX)
+    app[ENGINE] = engine
+    app.router.add_get("/health", health)
+    app.router.add_post("/auth/register", routes_auth.register)
+    app.router.add_post("/auth/login", routes_auth.login)
+    app.router.add_post("/auth/refresh", routes_auth.refresh)
+    app.router.add_get("/auth/me", routes_auth.me)
+    app.router.add_patch("/auth/me", routes_auth.patch_me)
+    app.router.add_post("/auth/change-password", routes_auth.change_password)
+    app.router.add_post("/products", routes_products.create_product)
+    app.router.add_get("/products", routes_products.list_products)
+    app.router.add_get("/products/{product_id}", routes_products.get_product)
+    app.router.add_post("/products/{product_id}/restock", routes_products.restock)
+    app.router.add_post("/orders", routes_orders.place_order)
+    app.router.add_get("/orders", routes_orders.list_orders)
+    app.router.add_get("/orders/{order_id}", routes_orders.get_order)
+    app.router.add_post("/orders/{order_id}/cancel", routes_orders.cancel_order)
+    return app

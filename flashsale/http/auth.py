@@ -1,0 +1,130 @@
+"""Passwords (bcrypt, off the event loop), access tokens (HS256 JWT) and who is calling."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import asyncpg
+import bcrypt
+import jwt
+from aiohttp import web
+
+from flashsale.http.problems import ApiError
+from flashsale.persistence.users import deactivated_user_ids
+
+log = logging.getLogger(__name__)
+
+ACCESS_TTL_S = 3600
+PAYMENT_LINK_AUDIENCE = "pay"
+BCRYPT_THREADS = 2
+PASSWORD_BYTES_MIN, PASSWORD_BYTES_MAX = 8, 72  # bcrypt ignores bytes past 72
+DEACTIVATED_REFRESH_S = 30.0
+_BEARER = {"WWW-Authenticate": "Bearer"}
+
+
+def password_problem(password: str) -> str | None:
+    size = len(password.encode())
+    if not PASSWORD_BYTES_MIN <= size <= PASSWORD_BYTES_MAX:
+        return f"the password must be {PASSWORD_BYTES_MIN} to {PASSWORD_BYTES_MAX} bytes long"
+    if not any(c.isdigit() for c in password):
+        return "the password needs a digit"
+    if all(c.isalnum() or c.isspace() for c in password):
+        return "the password needs a special character"
+    return None
+
+
+class Passwords:
+    """bcrypt in a small, bounded thread pool: hashing never blocks the event loop."""
+
+    def __init__(self, rounds: int) -> None:
+        self._rounds = rounds
+        self._pool = ThreadPoolExecutor(BCRYPT_THREADS, thread_name_prefix="bcrypt")
+        self._decoy: bytes | None = None
+
+    async def hash(self, password: str) -> str:
+        salt = bcrypt.gensalt(self._rounds)
+        hashed = await self._run(bcrypt.hashpw, password.encode(), salt)
+        return hashed.decode()
+
+    async def verify(self, password: str, hashed: str | None) -> bool:
+        """False for a wrong password or no account; both take one bcrypt check."""
+        candidate = password.encode()
+        if len(candidate) > PASSWORD_BYTES_MAX:
+            return False
+        if hashed is None:
+            if self._decoy is None:
+                self._decoy = await self._run(bcrypt.hashpw, b"decoy", bcrypt.gensalt(self._rounds))
+            await self._run(bcrypt.checkpw, candidate, self._decoy)
+            return False
+        return bool(await self._run(bcrypt.checkpw, candidate, hashed.encode()))
+
+    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+class Tokens:
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    def access_token(self, user_id: str) -> str:
+        now = int(time.time())
+        claims = {"sub": user_id, "iat": now, "exp": now + ACCESS_TTL_S}
+        return jwt.encode(claims, self._secret, algorithm="HS256")
+
+    def user_of(self, token: str) -> str:
+        try:
+            claims = jwt.decode(token, self._secret, algorithms=["HS256"],
+                                options={"require": ["exp", "iat", "sub"]})
+        except jwt.PyJWTError as error:
+            raise ApiError("invalid_token", str(error), _BEARER) from None
+        if claims.get("aud") is not None or not isinstance(claims["sub"], str):
+            raise ApiError("invalid_token", "not an access token", _BEARER)
+        return claims["sub"]
+
+    def payment_link_token(self, order_id: str, expires_at_s: int) -> str:
+        claims = {"sub": order_id, "aud": PAYMENT_LINK_AUDIENCE, "exp": expires_at_s}
+        return jwt.encode(claims, self._secret, algorithm="HS256")
+
+
+class DeactivatedUsers:
+    """Ids of deactivated users, reloaded every few seconds, so authenticating a request costs
+    no database round trip and a deactivation takes effect within DEACTIVATED_REFRESH_S."""
+
+    def __init__(self, db: asyncpg.Pool) -> None:
+        self._db = db
+        self.ids: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.ids = await deactivated_user_ids(self._db)
+        self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(DEACTIVATED_REFRESH_S)
+            try:
+                self.ids = await deactivated_user_ids(self._db)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("could not refresh deactivated users: %s", error)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def bearer_user(request: web.Request, tokens: Tokens, deactivated: DeactivatedUsers) -> str:
+    """The calling user's id from `Authorization: Bearer …`; 401 otherwise."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError("invalid_token", "an Authorization: Bearer token is required", _BEARER)
+    user_id = tokens.user_of(token.strip())
+    if user_id in deactivated.ids:
+        raise ApiError("invalid_token", "the account is deactivated", _BEARER)
+    return user_id

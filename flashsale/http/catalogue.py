@@ -1,0 +1,110 @@
+"""The front end's view of the sales: catalogue rows from PostgreSQL, live counts from the
+product actors, refreshed in the background so a product read costs no Ray call (≤ 1 s stale)."""
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+
+import asyncpg
+
+from flashsale.actors.batching import ProductRouter
+from flashsale.actors.messages import DefineProduct
+from flashsale.actors.product_actor import ProductCounts, ProductUnavailable
+from flashsale.http.schemas import ProductView, rfc3339
+from flashsale.persistence.products import ProductRow, all_products, product_by_id
+
+log = logging.getLogger(__name__)
+
+COUNTS_REFRESH_S = 0.5
+ROWS_RELOAD_EVERY = 10  # counts refreshes between catalogue reloads (new sales elsewhere)
+
+
+def sale_status(row: ProductRow, now: dt.datetime) -> str:
+    if now < row.sale_starts_at:
+        return "scheduled"
+    return "active" if now < row.sale_ends_at else "ended"
+
+
+class Catalogue:
+    def __init__(self, db: asyncpg.Pool, router: ProductRouter) -> None:
+        self._db = db
+        self._router = router
+        self._rows: dict[str, ProductRow] = {}
+        self._counts: dict[str, ProductCounts] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._reload_rows()
+        await self._refresh_counts()
+        self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def row(self, product_id: str) -> ProductRow | None:
+        """The sale, from the cache or (for a sale created by another front end) the database."""
+        row = self._rows.get(product_id)
+        if row is None:
+            row = await product_by_id(self._db, product_id)
+            if row is not None:
+                self._rows[product_id] = row
+        return row
+
+    async def define(self, row: ProductRow) -> ProductView:
+        """Make the sale's actor exist and know its terms (idempotent), then show it."""
+        self._rows[row.id] = row
+        await self._router.submit(row.id, DefineProduct(row.terms, row.initial_stock))
+        self._counts[row.id] = await self._router.counts(row.id)
+        return self.view(row)
+
+    async def refresh(self, product_id: str) -> None:
+        self._counts[product_id] = await self._router.counts(product_id)
+
+    def view(self, row: ProductRow) -> ProductView:
+        counts = self._counts.get(row.id)
+        if counts is None:  # not heard from its actor yet: nothing sold that we know of
+            counts = ProductCounts(row.initial_stock, row.initial_stock, 0, 0, 0)
+        return ProductView(
+            id=row.id, name=row.name, price=row.price_minor, currency=row.currency,
+            stock=counts.stock, available=counts.available, reserved=counts.reserved,
+            sold=counts.sold, sale_starts_at=rfc3339(row.sale_starts_at),
+            sale_ends_at=rfc3339(row.sale_ends_at), per_user_limit=row.per_user_limit,
+            status=sale_status(row, dt.datetime.now(dt.UTC)),
+        )
+
+    def views(self) -> list[ProductView]:
+        return [self.view(row) for row in self._rows.values()]
+
+    async def _refresh_forever(self) -> None:
+        rounds = 0
+        while True:
+            await asyncio.sleep(COUNTS_REFRESH_S)
+            rounds += 1
+            try:
+                if rounds % ROWS_RELOAD_EVERY == 0:
+                    await self._reload_rows()
+                await self._refresh_counts()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("catalogue refresh failed: %s", error)
+
+    async def _reload_rows(self) -> None:
+        self._rows.update({row.id: row for row in await all_products(self._db)})
+
+    async def _refresh_counts(self) -> None:
+        rows = list(self._rows.values())
+        results = await asyncio.gather(*(self._router.counts(row.id) for row in rows),
+                                       return_exceptions=True)
+        for row, counts in zip(rows, results, strict=True):
+            if isinstance(counts, ProductUnavailable):
+                continue  # keep the last known counts while the actor recovers
+            if isinstance(counts, BaseException):
+                raise counts
+            if counts.last_seq == 0:  # created, but its actor never logged the definition
+                with contextlib.suppress(ProductUnavailable):
+                    await self.define(row)
+                continue
+            self._counts[row.id] = counts

@@ -1,0 +1,75 @@
+"""What a front end holds: the database pool, the product router, the catalogue and auth."""
+
+import asyncpg
+from aiohttp import web
+
+from flashsale.actors.batching import ProductRouter
+from flashsale.actors.messages import Command, PlaceOrder, Rejection
+from flashsale.actors.product_actor import ActorConfig
+from flashsale.http.auth import DeactivatedUsers, Passwords, Tokens, bearer_user
+from flashsale.http.catalogue import Catalogue
+from flashsale.http.problems import ApiError
+from flashsale.persistence.orders import keys_used_elsewhere
+
+POOL_SIZE_MAX = 10
+
+
+class Engine:
+    def __init__(self, db: asyncpg.Pool, actor_config: ActorConfig, jwt_secret: str,
+                 bcrypt_rounds: int, base_url: str) -> None:
+        self.db = db
+        self.router = ProductRouter(actor_config, screen=self._refuse_keys_used_elsewhere)
+        self.catalogue = Catalogue(db, self.router)
+        self.passwords = Passwords(bcrypt_rounds)
+        self.tokens = Tokens(jwt_secret)
+        self.deactivated = DeactivatedUsers(db)
+        self.base_url = base_url.rstrip("/")
+
+    def user(self, request: web.Request) -> str:
+        return bearer_user(request, self.tokens, self.deactivated)
+
+    async def admin(self, request: web.Request) -> str:
+        user_id = self.user(request)
+        if not await self.db.fetchval("SELECT is_admin FROM users WHERE id = $1", user_id):
+            raise ApiError("forbidden", "only an admin may do this")
+        return user_id
+
+    def payment_url(self, order_id: str, expires_at_ms: int) -> str:
+        token = self.tokens.payment_link_token(order_id, expires_at_ms // 1000)
+        return f"{self.base_url}/pay/{order_id}?token={token}"
+
+    async def _refuse_keys_used_elsewhere(self, product_id: str,
+                                          commands: list[Command]) -> list[Rejection | None]:
+        """Idempotency keys are scoped to the user across products, but an actor sees only its
+        own product: one query per batch finds keys already spent on another product."""
+        places = [(i, c) for i, c in enumerate(commands) if isinstance(c, PlaceOrder)]
+        if not places:
+            return []
+        used = await keys_used_elsewhere(self.db, product_id,
+                                         [c.user_id for _, c in places],
+                                         [c.idempotency_key for _, c in places])
+        verdicts: list[Rejection | None] = [None] * len(commands)
+        for position in used:
+            verdicts[places[position][0]] = Rejection.IDEMPOTENCY_KEY_REUSED
+        return verdicts
+
+    async def start(self) -> None:
+        await self.deactivated.start()
+        await self.catalogue.start()
+
+    async def stop(self) -> None:
+        await self.catalogue.stop()
+        await self.deactivated.stop()
+        self.passwords.close()
+        await self.db.close()
+
+
+async def start_engine(dsn: str, actor_config: ActorConfig, jwt_secret: str, bcrypt_rounds: int,
+                       base_url: str) -> Engine:
+    db = await asyncpg.create_pool(dsn, min_size=1, max_size=POOL_SIZE_MAX)
+    engine = Engine(db, actor_config, jwt_secret, bcrypt_rounds, base_url)
+    await engine.start()
+    return engine
+
+
+ENGINE = web.AppKey("engine", Engine)

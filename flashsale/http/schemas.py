@@ -1,0 +1,143 @@
+"""Request and response bodies. Requests reject unknown fields, so a client can never set
+`price`, `status`, `user_id` or `is_admin` where the API does not ask for them."""
+
+import datetime as dt
+import uuid
+from typing import Annotated, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from flashsale.http.problems import ApiError
+
+Email = Annotated[str, msgspec.Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=254)]
+Phone = Annotated[str, msgspec.Meta(pattern=r"^\+[1-9][0-9]{1,14}$")]
+FullName = Annotated[str, msgspec.Meta(min_length=2, max_length=100)]
+Address = Annotated[str, msgspec.Meta(max_length=500)]
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
+AwareTime = Annotated[dt.datetime, msgspec.Meta(tz=True)]
+
+
+class Request(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class RegisterRequest(Request):
+    email: Email
+    password: str
+    full_name: FullName
+    phone: Phone | None = None
+
+
+class LoginRequest(Request):
+    email: str
+    password: str
+
+
+class RefreshRequest(Request):
+    refresh_token: str
+
+
+class PatchMeRequest(Request):
+    full_name: FullName | msgspec.UnsetType = msgspec.UNSET
+    phone: Phone | None | msgspec.UnsetType = msgspec.UNSET
+    address: Address | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class ChangePasswordRequest(Request):
+    current_password: str
+    new_password: str
+
+
+class ProductCreate(Request):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    price: Annotated[int, msgspec.Meta(ge=0, le=10**12)]
+    stock: Annotated[int, msgspec.Meta(ge=0, le=10**9)]
+    sale_starts_at: AwareTime
+    sale_ends_at: AwareTime
+    currency: Currency = "INR"
+    per_user_limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
+
+
+class RestockRequest(Request):
+    quantity: Annotated[int, msgspec.Meta(ge=1, le=10**9)]
+
+
+class OrderCreate(Request):
+    product_id: uuid.UUID
+    quantity: Annotated[int, msgspec.Meta(ge=1, le=10)]
+
+
+class CancelRequest(Request):
+    reason: Annotated[str, msgspec.Meta(max_length=500)] | None = None
+
+
+class UserView(msgspec.Struct):
+    id: str
+    email: str
+    full_name: str
+    phone: str | None
+    address: str | None
+    is_active: bool
+    is_admin: bool
+    created_at: str
+
+
+class ProductView(msgspec.Struct):
+    id: str
+    name: str
+    price: int
+    currency: str
+    stock: int
+    available: int
+    reserved: int
+    sold: int
+    sale_starts_at: str
+    sale_ends_at: str
+    per_user_limit: int
+    status: str
+
+
+class OrderView(msgspec.Struct):
+    id: str
+    user_id: str
+    product_id: str
+    quantity: int
+    unit_price: int
+    total_amount: int
+    currency: str
+    status: str
+    payment_provider: str | None
+    payment_url: str | None
+    payment_id: str | None
+    refund_status: str
+    refund_amount: int
+    expires_at: str
+    confirmed_at: str | None
+    created_at: str
+    updated_at: str
+
+
+T = TypeVar("T")
+
+
+def rfc3339(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def rfc3339_ms(epoch_ms: int) -> str:
+    return rfc3339(dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC))
+
+
+async def read_body(request: web.Request, kind: type[T]) -> T:
+    """Decode and validate a JSON body; anything malformed is a 400 with the reason."""
+    raw = await request.read()
+    try:
+        return msgspec.json.decode(raw or b"{}", type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as error:
+        raise ApiError("validation_error", str(error)) from None
+
+
+def json_response(body: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=msgspec.json.encode(body),
+                        content_type="application/json")

@@ -1,0 +1,59 @@
+"""The catalogue of sales."""
+
+import datetime as dt
+import uuid
+
+import asyncpg
+import msgspec
+
+from flashsale.actors.messages import ProductTerms
+
+
+class ProductRow(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    price_minor: int
+    currency: str
+    initial_stock: int
+    sale_starts_at: dt.datetime
+    sale_ends_at: dt.datetime
+    per_user_limit: int
+
+    @property
+    def terms(self) -> ProductTerms:
+        return ProductTerms(self.id, self.price_minor, self.currency,
+                            _epoch_ms(self.sale_starts_at), _epoch_ms(self.sale_ends_at),
+                            self.per_user_limit)
+
+
+_COLUMNS = ("id::text, name, price_minor, currency, initial_stock, sale_starts_at, sale_ends_at,"
+            " per_user_limit")
+
+
+def _epoch_ms(moment: dt.datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _row(record: asyncpg.Record) -> ProductRow:
+    return ProductRow(**dict(record))
+
+
+async def insert_product(db: asyncpg.Pool, name: str, price_minor: int, currency: str,
+                         stock: int, starts_at: dt.datetime, ends_at: dt.datetime,
+                         per_user_limit: int) -> ProductRow:
+    record = await db.fetchrow(
+        f"""INSERT INTO products (id, name, price_minor, currency, initial_stock, sale_starts_at,
+                                  sale_ends_at, per_user_limit)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {_COLUMNS}""",
+        uuid.uuid4(), name, price_minor, currency, stock, starts_at, ends_at, per_user_limit,
+    )
+    return _row(record)
+
+
+async def all_products(db: asyncpg.Pool) -> list[ProductRow]:
+    return [_row(r) for r in await db.fetch(f"SELECT {_COLUMNS} FROM products ORDER BY id")]
+
+
+async def product_by_id(db: asyncpg.Pool, product_id: str) -> ProductRow | None:
+    record = await db.fetchrow(f"SELECT {_COLUMNS} FROM products WHERE id = $1", product_id)
+    return None if record is None else _row(record)
