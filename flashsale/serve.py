@@ -46,20 +46,23 @@ async def _bootstrap_admin(engine: Engine) -> None:
 
 
 async def _seed_demo(engine: Engine, url: str) -> None:
-    """An admin and a live sale, if the database has no users yet."""
-    if await engine.db.fetchval("SELECT count(*) FROM users"):
-        print("flashsale: --demo: the database already has users; nothing seeded", flush=True)
+    """A live sale, and an admin unless one exists, if the database has no sales yet."""
+    if await engine.db.fetchval("SELECT count(*) FROM products"):
+        print("flashsale: --demo: the database already has sales; nothing seeded", flush=True)
         return
-    password = secrets.token_urlsafe(9) + "-1"
-    await create_user(engine.db, DEMO_ADMIN_EMAIL, await engine.passwords.hash(password),
-                      "Demo admin", is_admin=True)
+    admin_line = "an admin exists already (FLASHSALE_ADMIN_EMAIL or earlier)"
+    if not await engine.db.fetchval("SELECT count(*) FROM users WHERE is_admin"):
+        password = secrets.token_urlsafe(9) + "-1"
+        await create_user(engine.db, DEMO_ADMIN_EMAIL, await engine.passwords.hash(password),
+                          "Demo admin", is_admin=True)
+        admin_line = f"{DEMO_ADMIN_EMAIL} / {password}"
     now = dt.datetime.now(dt.UTC)
     row = await insert_product(engine.db, "Demo sneakers, limited run", 499_900, "INR", 100,
                                now - dt.timedelta(minutes=1), now + dt.timedelta(days=1), 2)
     await engine.catalogue.define(row)
     print(f"""
 flashsale: demo seeded
-  admin:    {DEMO_ADMIN_EMAIL} / {password}
+  admin:    {admin_line}
   sale:     {row.id}  (100 units at 4999.00 INR, 2 per shopper, live for 24 h)
 
 Try it:

@@ -6,17 +6,23 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+import aiohttp
 import asyncpg
 import pytest
 import ray
+from aiohttp.test_utils import TestServer
+from helpers import CANCEL_WINDOW_MS, HOLD_TTL_MS, JWT_SECRET, Api
 from ray.actor import ActorHandle
 
 from flashsale.actors.messages import DefineProduct, ProductTerms
 from flashsale.actors.product import Policy
 from flashsale.actors.product_actor import ActorConfig, send
 from flashsale.actors.registry import product_actor
+from flashsale.http.app import create_app
+from flashsale.http.engine import start_engine
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
+from flashsale.persistence.products import all_products
 
 TEMPLATE = "flashsale_template"
 _database_numbers = itertools.count()
@@ -91,3 +97,22 @@ async def products(ray_session: None, database_dsn: str) -> AsyncIterator[Produc
     yield create
     for actor in handles:
         ray.kill(actor, no_restart=True)
+
+
+@pytest.fixture
+async def api(ray_session: None, database_dsn: str) -> AsyncIterator[Api]:
+    """A real engine (aiohttp on a loopback port, Ray actors, PostgreSQL) and a client."""
+    config = ActorConfig(database_dsn, Policy(hold_ttl_ms=HOLD_TTL_MS,
+                                              cancel_window_ms=CANCEL_WINDOW_MS))
+    engine = await start_engine(database_dsn, config, JWT_SECRET, bcrypt_rounds=4,
+                                base_url="http://127.0.0.1", deactivated_refresh_s=0.2)
+    server = TestServer(create_app(engine), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as session:
+            yield Api(session, engine)
+    finally:
+        await server.close()
+        for product_id in [row.id for row in await all_products(engine.db)]:
+            ray.kill(engine.router.actor(product_id), no_restart=True)
+        await engine.stop()

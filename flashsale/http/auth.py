@@ -95,8 +95,9 @@ class DeactivatedUsers:
     """Ids of deactivated users, reloaded every few seconds, so authenticating a request costs
     no database round trip and a deactivation takes effect within DEACTIVATED_REFRESH_S."""
 
-    def __init__(self, db: asyncpg.Pool) -> None:
+    def __init__(self, db: asyncpg.Pool, refresh_s: float = DEACTIVATED_REFRESH_S) -> None:
         self._db = db
+        self._refresh_s = refresh_s
         self.ids: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
@@ -106,7 +107,7 @@ class DeactivatedUsers:
 
     async def _refresh_forever(self) -> None:
         while True:
-            await asyncio.sleep(DEACTIVATED_REFRESH_S)
+            await asyncio.sleep(self._refresh_s)
             try:
                 self.ids = await deactivated_user_ids(self._db)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:

@@ -6,7 +6,13 @@ from aiohttp import web
 from flashsale.actors.batching import ProductRouter
 from flashsale.actors.messages import Command, PlaceOrder, Rejection
 from flashsale.actors.product_actor import ActorConfig
-from flashsale.http.auth import DeactivatedUsers, Passwords, Tokens, bearer_user
+from flashsale.http.auth import (
+    DEACTIVATED_REFRESH_S,
+    DeactivatedUsers,
+    Passwords,
+    Tokens,
+    bearer_user,
+)
 from flashsale.http.catalogue import Catalogue
 from flashsale.http.problems import ApiError
 from flashsale.persistence.orders import keys_used_elsewhere
@@ -16,13 +22,14 @@ POOL_SIZE_MAX = 10
 
 class Engine:
     def __init__(self, db: asyncpg.Pool, actor_config: ActorConfig, jwt_secret: str,
-                 bcrypt_rounds: int, base_url: str) -> None:
+                 bcrypt_rounds: int, base_url: str,
+                 deactivated_refresh_s: float = DEACTIVATED_REFRESH_S) -> None:
         self.db = db
         self.router = ProductRouter(actor_config, screen=self._refuse_keys_used_elsewhere)
         self.catalogue = Catalogue(db, self.router)
         self.passwords = Passwords(bcrypt_rounds)
         self.tokens = Tokens(jwt_secret)
-        self.deactivated = DeactivatedUsers(db)
+        self.deactivated = DeactivatedUsers(db, deactivated_refresh_s)
         self.base_url = base_url.rstrip("/")
 
     def user(self, request: web.Request) -> str:
@@ -65,9 +72,10 @@ class Engine:
 
 
 async def start_engine(dsn: str, actor_config: ActorConfig, jwt_secret: str, bcrypt_rounds: int,
-                       base_url: str) -> Engine:
+                       base_url: str,
+                       deactivated_refresh_s: float = DEACTIVATED_REFRESH_S) -> Engine:
     db = await asyncpg.create_pool(dsn, min_size=1, max_size=POOL_SIZE_MAX)
-    engine = Engine(db, actor_config, jwt_secret, bcrypt_rounds, base_url)
+    engine = Engine(db, actor_config, jwt_secret, bcrypt_rounds, base_url, deactivated_refresh_s)
     await engine.start()
     return engine
 

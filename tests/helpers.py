@@ -1,0 +1,79 @@
+"""Helpers for tests that talk to a real engine over HTTP."""
+
+import datetime as dt
+import itertools
+import socket
+import uuid
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from flashsale.http.engine import Engine
+from flashsale.persistence.users import ensure_admin
+
+JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-keys"
+HOLD_TTL_MS = 600_000
+CANCEL_WINDOW_MS = 2_000
+
+
+class Api:
+    """A client of a real engine on a loopback port, with helpers for the usual set-up."""
+
+    def __init__(self, session: aiohttp.ClientSession, engine: Engine) -> None:
+        self.session = session
+        self.engine = engine
+        self._emails = itertools.count()
+
+    async def call(self, method: str, path: str, token: str | None = None,
+                   body: object = None, headers: dict[str, str] | None = None,
+                   ) -> tuple[int, Any, CIMultiDictProxy[str]]:
+        all_headers = dict(headers or {})
+        if token:
+            all_headers["Authorization"] = f"Bearer {token}"
+        async with self.session.request(method, path, json=body, headers=all_headers) as reply:
+            if reply.content_type not in ("application/json", "application/problem+json"):
+                raise AssertionError(f"{method} {path}: {reply.status} {reply.content_type}")
+            return reply.status, await reply.json(content_type=None), reply.headers
+
+    async def register(self, password: str = "sale-day-1") -> tuple[str, str]:
+        """A new shopper; returns (email, access token)."""
+        email = f"shopper{next(self._emails)}-{uuid.uuid4().hex[:6]}@example.com"
+        status, body, _ = await self.call("POST", "/auth/register", body={
+            "email": email, "password": password, "full_name": "Test Shopper"})
+        assert status == 201, body
+        status, body, _ = await self.call("POST", "/auth/login",
+                                          body={"email": email, "password": password})
+        assert status == 200, body
+        return email, body["access_token"]
+
+    async def admin(self) -> str:
+        email = f"admin-{uuid.uuid4().hex[:8]}@example.com"
+        await ensure_admin(self.engine.db, email, await self.engine.passwords.hash("admin-pass-1"))
+        status, body, _ = await self.call("POST", "/auth/login",
+                                          body={"email": email, "password": "admin-pass-1"})
+        assert status == 200, body
+        return body["access_token"]
+
+    async def sale(self, stock: int = 10, limit: int = 1, starts_in_s: float = -60,
+                   lasts_s: float = 3600) -> str:
+        start = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=starts_in_s)
+        status, body, _ = await self.call("POST", "/products", await self.admin(), {
+            "name": "Test sale", "price": 49_900, "stock": stock, "per_user_limit": limit,
+            "sale_starts_at": start.isoformat(),
+            "sale_ends_at": (start + dt.timedelta(seconds=lasts_s)).isoformat()})
+        assert status == 201, body
+        return body["id"]
+
+    async def order(self, token: str, product_id: str, quantity: int = 1,
+                    key: str | None = None) -> tuple[int, Any]:
+        status, body, _ = await self.call(
+            "POST", "/orders", token, {"product_id": product_id, "quantity": quantity},
+            {"X-Idempotency-Key": key or str(uuid.uuid4())})
+        return status, body
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
