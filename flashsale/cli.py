@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import uuid
 
@@ -12,7 +13,6 @@ import uvloop
 from flashsale.config import ConfigError, Settings, load_settings
 from flashsale.persistence.database import connect, open_database
 from flashsale.persistence.replay import ProductReport, logged_products, report
-from flashsale.serve import serve
 
 
 def _serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -35,6 +35,11 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(host=args.host, port=args.port, data_dir=args.data_dir)
+    # Ray's crash handler prints a stack dump on every SIGTERM, which is a normal stop here.
+    # Ray reads this when it is first imported, so the server is imported only now.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    from flashsale.serve import serve
+
     uvloop.run(serve(settings, args.demo))
     return 0
 

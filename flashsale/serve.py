@@ -24,16 +24,26 @@ from flashsale.persistence.users import create_user, ensure_admin
 DEMO_ADMIN_EMAIL = "admin@flashsale.example"
 
 
+class _NoSigtermNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
 def start_ray(address: str | None) -> None:
+    """Started off the main thread on purpose: on it, ray.init installs a SIGTERM handler that
+    exits at once, racing ours (which stops the server cleanly). Ray notes that; we drop it."""
+    logging.getLogger("ray._private.worker").addFilter(_NoSigtermNotice())
     # "local" always starts a new instance: never join a Ray that happens to run here.
     ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False,
              log_to_driver=False, logging_level=logging.WARNING)
 
 
-def _stop_on_signals(stop: asyncio.Event) -> None:
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 async def _bootstrap_admin(engine: Engine) -> None:
@@ -80,14 +90,12 @@ Try it:
 
 
 async def serve(settings: Settings, demo: bool) -> None:
-    stop = asyncio.Event()
-    _stop_on_signals(stop)
+    stop = _stop_on_signals()
     database = await open_database(settings)
     where = f"embedded, data in {database.embedded.pgdata}" if database.embedded else "external"
     print(f"flashsale: PostgreSQL ready ({where})", flush=True)
     try:
-        start_ray(settings.ray_address)  # on the main thread; it blocks only the start
-        _stop_on_signals(stop)  # ray.init installs its own SIGTERM handler: take it back
+        await asyncio.to_thread(start_ray, settings.ray_address)
         print(f"flashsale: Ray ready ({settings.ray_address or 'local instance'})", flush=True)
         secret = os.environ.get("FLASHSALE_JWT_SECRET") or stored_secret(settings.data_dir,
                                                                          "jwt_secret")
