@@ -5,11 +5,15 @@ import sys
 from pathlib import Path
 
 from bench.core import run_core
+from bench.run import Params, run_bench
+
+DEFAULTS = {"shoppers": (20_000, 2_000), "stock": (2_000, 200), "connections": (256, 64)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Measure the engine.")
-    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND",
+                                     dest="command")
     core = commands.add_parser(
         "core",
         help="one product actor and its WAL, without HTTP, next to pgbench",
@@ -21,8 +25,38 @@ def main(argv: list[str] | None = None) -> int:
                       help="100,000 reservations instead of 1,000,000 (under a minute)")
     core.add_argument("--out", default="bench-results", metavar="DIR",
                       help="where core.json goes (default ./bench-results)")
+    run = commands.add_parser(
+        "run",
+        help="the engine and the classic baseline under the same crowd, over HTTP",
+        description="Start an embedded PostgreSQL, the engine (its own process, on a Ray "
+        "instance of the harness) and the baseline (one transaction with SELECT ... FOR UPDATE "
+        "per order), send the same crowd of shoppers to each in turn, audit both, and write "
+        "DIR/results.json, DIR/throughput.png and DIR/latency.png.",
+    )
+    run.add_argument("--scenario", choices=("hot", "wide", "crash"), default="hot",
+                     help="hot: one product; wide: many products, uneven popularity; crash: "
+                     "hot with kill -9 of the product's actor mid-run (default hot)")
+    run.add_argument("--shoppers", type=int, help="one order attempt each (default 20,000; "
+                     "quick 2,000)")
+    run.add_argument("--stock", type=int, help="units on sale in all (default 2,000; quick 200)")
+    run.add_argument("--connections", type=int, help="client connections (default 256; "
+                     "quick 64)")
+    run.add_argument("--rate", type=float, help="requests per second on a fixed schedule "
+                     "(open loop; latency counts from when each request was due); default: "
+                     "closed loop, as fast as the server answers")
+    run.add_argument("--quick", action="store_true", help="a smaller crowd (under a minute)")
+    run.add_argument("--out", default="bench-results", metavar="DIR",
+                     help="where results go (default ./bench-results)")
     args = parser.parse_args(argv)
-    run_core(args.quick, Path(args.out))
+    if args.command == "core":
+        run_core(args.quick, Path(args.out))
+        return 0
+    pick = 1 if args.quick else 0
+    values = {name: getattr(args, name) or DEFAULTS[name][pick] for name in DEFAULTS}
+    if min(values.values()) < 1:
+        parser.error("--shoppers, --stock and --connections must be positive")
+    run_bench(Params(args.scenario, values["shoppers"], values["stock"], values["connections"],
+                     args.rate, args.quick, Path(args.out)))
     return 0
 
 

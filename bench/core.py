@@ -19,6 +19,7 @@ import asyncpg
 import msgspec
 import psutil
 import ray
+import uvloop
 
 from flashsale.actors.messages import DefineProduct, PlaceOrder, ProductTerms
 from flashsale.actors.product import OrderRecord, Policy
@@ -185,7 +186,7 @@ def run_core(quick: bool, out_dir: Path) -> CoreResult:
         os.environ.pop("RAY_ADDRESS", None)  # measure on a local instance of our own
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            result = asyncio.run(measure(server, quick, workdir))
+            result = uvloop.run(measure(server, quick, workdir))
         finally:
             ray.shutdown()
             server.close()

@@ -1,0 +1,1 @@
+"""The classic design the engine replaces: one PostgreSQL transaction per order."""

@@ -1,0 +1,84 @@
+"""The load-test harness's own logic: its audit, its scenarios, its results (not its speed)."""
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from bench.audit import ProductFacts, judge
+from bench.scenarios import build
+
+STOCKS = {"p": 10}
+CLEAN = {"p": ProductFacts(stock=10, available=0, reserved=6, sold=4)}
+
+
+def verdict_for(counts: dict[str, ProductFacts], created: int = 10,
+                per_user: Counter[tuple[str, str]] | None = None, unreadable: int = 0,
+                errors_5xx: int = 0) -> tuple[bool, int, list[str]]:
+    verdict = judge(STOCKS, counts, Counter({"p": created}),
+                    per_user or Counter({("u", "p"): 1}), 1, unreadable, errors_5xx)
+    return verdict.ok, verdict.oversold, verdict.problems
+
+
+def test_a_clean_run_passes_the_audit() -> None:
+    assert verdict_for(CLEAN) == (True, 0, [])
+
+
+def test_the_audit_catches_a_planted_oversell() -> None:
+    oversold = {"p": ProductFacts(stock=10, available=-1, reserved=7, sold=4)}
+    ok, units, problems = verdict_for(oversold, created=11)
+    assert not ok and units == 1
+    assert any("oversold by 1" in p for p in problems)
+
+
+def test_the_audit_catches_acknowledged_orders_the_server_forgot() -> None:
+    ok, _, problems = verdict_for(CLEAN, created=12)
+    assert not ok and any("12 units acknowledged but 10" in p for p in problems)
+
+
+def test_the_audit_catches_limits_unreadable_orders_and_5xx() -> None:
+    ok, _, problems = verdict_for(CLEAN, per_user=Counter({("u", "p"): 2}), unreadable=3,
+                                  errors_5xx=1)
+    assert not ok and len(problems) == 3
+
+
+def test_scenarios_have_the_promised_shape() -> None:
+    hot = build("hot", shoppers=2_000, stock=200, quick=True)
+    assert hot.stocks == [200] and len(hot.shopper_products) == 2_000 and not hot.crash
+    assert build("crash", 2_000, 200, quick=True).crash
+    wide = build("wide", shoppers=10_000, stock=1_000, quick=False)
+    assert len(wide.stocks) == 100 and sum(wide.stocks) == 1_000
+    popularity = Counter(wide.shopper_products)
+    assert popularity[0] > 5 * popularity[99]  # uneven: a few products draw the crowd
+    with pytest.raises(ValueError):
+        build("flood", 1, 1, quick=True)
+
+
+@pytest.mark.timeout(300)
+def test_a_quick_hot_run_writes_results_and_plots(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",
+                                                            "FLASHSALE_DATABASE_URL")}
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "--scenario", "hot", "--quick", "--shoppers",
+         "300", "--stock", "30", "--connections", "16", "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=280,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["scenario"] == "hot" and results["machine"]["cpus"] >= 1
+    assert results["params"]["shoppers"] == 300
+    fields = {"orders_per_s", "p50_ms", "p99_ms", "max_ms", "created", "rejected",
+              "errors_5xx", "oversold", "audit_ok"}
+    for side in ("engine", "baseline"):
+        assert fields <= set(results[side])
+        assert results[side]["audit_ok"] and results[side]["oversold"] == 0
+        assert results[side]["created"] == 30
+        assert results[side]["rejected"] == {"out_of_stock": 270}
+    assert results["ratio_throughput"] > 0
+    for plot in ("throughput.png", "latency.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+    assert "throughput ratio engine/baseline" in run.stdout
