@@ -11,6 +11,7 @@ import asyncpg
 from flashsale.actors.batching import ProductRouter
 from flashsale.actors.messages import DefineProduct
 from flashsale.actors.product_actor import ProductCounts, ProductUnavailable
+from flashsale.http.problems import ApiError
 from flashsale.http.schemas import ProductView, rfc3339
 from flashsale.persistence.products import ProductRow, all_products, product_by_id
 
@@ -66,8 +67,8 @@ class Catalogue:
 
     def view(self, row: ProductRow) -> ProductView:
         counts = self._counts.get(row.id)
-        if counts is None:  # not heard from its actor yet: nothing sold that we know of
-            counts = ProductCounts(row.initial_stock, row.initial_stock, 0, 0, 0)
+        if counts is None:  # its actor has not answered since this front end started
+            raise ApiError("unavailable", f"product {row.id} is recovering")
         return ProductView(
             id=row.id, name=row.name, price=row.price_minor, currency=row.currency,
             stock=counts.stock, available=counts.available, reserved=counts.reserved,
@@ -77,7 +78,8 @@ class Catalogue:
         )
 
     def views(self) -> list[ProductView]:
-        return [self.view(row) for row in self._rows.values()]
+        """The sales whose counts are known (a recovering one reappears within a second)."""
+        return [self.view(row) for row in self._rows.values() if row.id in self._counts]
 
     async def _refresh_forever(self) -> None:
         rounds = 0
