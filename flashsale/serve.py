@@ -17,6 +17,8 @@ from flashsale.actors.registry import NAMESPACE
 from flashsale.config import ConfigError, Settings, stored_secret
 from flashsale.http.app import create_app
 from flashsale.http.engine import Engine, start_engine
+from flashsale.payments.provider import PaymentProvider
+from flashsale.payments.sandbox import SandboxGateway
 from flashsale.persistence.database import open_database
 from flashsale.persistence.products import insert_product
 from flashsale.persistence.users import create_user, ensure_admin
@@ -44,6 +46,15 @@ def _stop_on_signals() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+def payment_provider(settings: Settings) -> PaymentProvider:
+    if settings.payment_provider != "sandbox":
+        raise ConfigError(f"the {settings.payment_provider} provider is not available in this "
+                          "version; use FLASHSALE_PAYMENT_PROVIDER=sandbox")
+    secret = os.environ.get("FLASHSALE_SANDBOX_WEBHOOK_SECRET") or stored_secret(
+        settings.data_dir, "sandbox_webhook_secret")
+    return SandboxGateway(secret, f"{settings.base_url}/webhooks/sandbox")
 
 
 async def _bootstrap_admin(engine: Engine) -> None:
@@ -102,7 +113,8 @@ async def serve(settings: Settings, demo: bool) -> None:
         policy = Policy(hold_ttl_ms=settings.hold_ttl_s * 1000,
                         cancel_window_ms=settings.cancel_window_s * 1000)
         engine = await start_engine(database.dsn, ActorConfig(database.dsn, policy), secret,
-                                    settings.bcrypt_rounds, settings.base_url)
+                                    settings.bcrypt_rounds, settings.base_url,
+                                    payment_provider(settings))
         runner = web.AppRunner(create_app(engine), access_log=None)
         try:
             await _bootstrap_admin(engine)

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 import ray
 from aiohttp.test_utils import TestServer
-from helpers import CANCEL_WINDOW_MS, HOLD_TTL_MS, JWT_SECRET, Api
+from helpers import CANCEL_WINDOW_MS, HOLD_TTL_MS, JWT_SECRET, SANDBOX_SECRET, Api, free_port
 from ray.actor import ActorHandle
 
 from flashsale.actors.messages import DefineProduct, ProductTerms
@@ -20,6 +20,7 @@ from flashsale.actors.product_actor import ActorConfig, send
 from flashsale.actors.registry import product_actor
 from flashsale.http.app import create_app
 from flashsale.http.engine import start_engine
+from flashsale.payments.sandbox import SandboxGateway
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
 from flashsale.persistence.products import all_products
@@ -104,9 +105,12 @@ async def api(ray_session: None, database_dsn: str) -> AsyncIterator[Api]:
     """A real engine (aiohttp on a loopback port, Ray actors, PostgreSQL) and a client."""
     config = ActorConfig(database_dsn, Policy(hold_ttl_ms=HOLD_TTL_MS,
                                               cancel_window_ms=CANCEL_WINDOW_MS))
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    gateway = SandboxGateway(SANDBOX_SECRET, f"{base_url}/webhooks/sandbox")
     engine = await start_engine(database_dsn, config, JWT_SECRET, bcrypt_rounds=4,
-                                base_url="http://127.0.0.1", deactivated_refresh_s=0.2)
-    server = TestServer(create_app(engine), host="127.0.0.1")
+                                base_url=base_url, payments=gateway, deactivated_refresh_s=0.2)
+    server = TestServer(create_app(engine), host="127.0.0.1", port=port)
     await server.start_server()
     try:
         async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as session:

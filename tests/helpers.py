@@ -13,6 +13,7 @@ from flashsale.http.engine import Engine
 from flashsale.persistence.users import ensure_admin
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-keys"
+SANDBOX_SECRET = "sandbox-webhook-secret-for-tests"
 HOLD_TTL_MS = 600_000
 CANCEL_WINDOW_MS = 2_000
 

@@ -6,7 +6,7 @@ import asyncpg
 import ray
 from aiohttp import web
 
-from flashsale.http import routes_auth, routes_orders, routes_products
+from flashsale.http import routes_auth, routes_orders, routes_payments, routes_products
 from flashsale.http.engine import ENGINE, Engine
 from flashsale.http.problems import problem, problem_middleware
 from flashsale.http.schemas import json_response
@@ -45,4 +45,7 @@ def create_app(engine: Engine) -> web.Application:
     app.router.add_get("/orders", routes_orders.list_orders)
     app.router.add_get("/orders/{order_id}", routes_orders.get_order)
     app.router.add_post("/orders/{order_id}/cancel", routes_orders.cancel_order)
+    app.router.add_get("/pay/{order_id}", routes_payments.pay)
+    app.router.add_get("/webhooks/health", routes_payments.webhooks_health)
+    app.router.add_post("/webhooks/{provider}", routes_payments.webhook)
     return app

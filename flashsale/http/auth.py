@@ -90,6 +90,17 @@ class Tokens:
         claims = {"sub": order_id, "aud": PAYMENT_LINK_AUDIENCE, "exp": expires_at_s}
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
+    def check_payment_link(self, token: str, order_id: str) -> None:
+        """The link was signed by us, for this order, and has not expired."""
+        try:
+            claims = jwt.decode(token, self._secret, algorithms=["HS256"],
+                                audience=PAYMENT_LINK_AUDIENCE,
+                                options={"require": ["exp", "sub", "aud"]})
+        except jwt.PyJWTError as error:
+            raise ApiError("invalid_token", f"payment link: {error}") from None
+        if claims["sub"] != order_id:
+            raise ApiError("invalid_token", "the payment link is for another order")
+
 
 class DeactivatedUsers:
     """Ids of deactivated users, reloaded every few seconds, so authenticating a request costs

@@ -15,6 +15,9 @@ from flashsale.http.auth import (
 )
 from flashsale.http.catalogue import Catalogue
 from flashsale.http.problems import ApiError
+from flashsale.payments.provider import PaymentProvider
+from flashsale.payments.refunds import RefundWorker
+from flashsale.payments.sandbox import SandboxGateway
 from flashsale.persistence.orders import keys_used_elsewhere
 
 POOL_SIZE_MAX = 10
@@ -22,9 +25,11 @@ POOL_SIZE_MAX = 10
 
 class Engine:
     def __init__(self, db: asyncpg.Pool, actor_config: ActorConfig, jwt_secret: str,
-                 bcrypt_rounds: int, base_url: str,
+                 bcrypt_rounds: int, base_url: str, payments: PaymentProvider,
                  deactivated_refresh_s: float = DEACTIVATED_REFRESH_S) -> None:
         self.db = db
+        self.payments = payments
+        self.refunds = RefundWorker(db, payments)
         self.router = ProductRouter(actor_config, screen=self._refuse_keys_used_elsewhere)
         self.catalogue = Catalogue(db, self.router)
         self.passwords = Passwords(bcrypt_rounds)
@@ -63,8 +68,12 @@ class Engine:
     async def start(self) -> None:
         await self.deactivated.start()
         await self.catalogue.start()
+        self.refunds.start()
 
     async def stop(self) -> None:
+        await self.refunds.stop()
+        if isinstance(self.payments, SandboxGateway):
+            await self.payments.close()
         await self.catalogue.stop()
         await self.deactivated.stop()
         self.passwords.close()
@@ -72,10 +81,11 @@ class Engine:
 
 
 async def start_engine(dsn: str, actor_config: ActorConfig, jwt_secret: str, bcrypt_rounds: int,
-                       base_url: str,
+                       base_url: str, payments: PaymentProvider,
                        deactivated_refresh_s: float = DEACTIVATED_REFRESH_S) -> Engine:
     db = await asyncpg.create_pool(dsn, min_size=1, max_size=POOL_SIZE_MAX)
-    engine = Engine(db, actor_config, jwt_secret, bcrypt_rounds, base_url, deactivated_refresh_s)
+    engine = Engine(db, actor_config, jwt_secret, bcrypt_rounds, base_url, payments,
+                    deactivated_refresh_s)
     await engine.start()
     return engine
 

@@ -70,7 +70,7 @@ def order_view(engine: Engine, row: asyncpg.Record) -> OrderView:
         id=row["id"], user_id=row["user_id"], product_id=row["product_id"],
         quantity=row["quantity"], unit_price=row["unit_price_minor"],
         total_amount=row["quantity"] * row["unit_price_minor"], currency=row["currency"].strip(),
-        status=row["status"], payment_provider=None,
+        status=row["status"], payment_provider=row["payment_provider"],
         payment_url=engine.payment_url(row["id"], row["expires_at_ms"]) if pending else None,
         payment_id=row["payment_id"], refund_status=row["refund_status"],
         refund_amount=row["refund_amount_minor"], expires_at=rfc3339_ms(row["expires_at_ms"]),

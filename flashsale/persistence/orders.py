@@ -2,24 +2,28 @@
 
 import asyncpg
 
-ORDER_COLUMNS = """id::text, user_id::text, product_id::text, quantity, unit_price_minor,
-    currency, status, payment_id, refund_status, refund_amount_minor, expires_at_ms,
-    confirmed_at_ms, created_at_ms, updated_at_ms"""
+_ORDERS = """SELECT o.id::text, o.user_id::text, o.product_id::text, o.quantity,
+    o.unit_price_minor, o.currency, o.status, o.payment_id, o.refund_status,
+    o.refund_amount_minor, o.expires_at_ms, o.confirmed_at_ms, o.created_at_ms, o.updated_at_ms,
+    s.provider AS payment_provider
+    FROM orders o LEFT JOIN payment_sessions s ON s.order_id = o.id"""
 
 
 async def order_of_user(db: asyncpg.Pool, order_id: str, user_id: str) -> asyncpg.Record | None:
-    return await db.fetchrow(
-        f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND user_id = $2", order_id, user_id)
+    return await db.fetchrow(f"{_ORDERS} WHERE o.id = $1 AND o.user_id = $2", order_id, user_id)
+
+
+async def order_by_id(db: asyncpg.Pool, order_id: str) -> asyncpg.Record | None:
+    """Any user's order: for payment links (which carry their own proof) and webhooks."""
+    return await db.fetchrow(f"{_ORDERS} WHERE o.id = $1", order_id)
 
 
 async def orders_of_user(db: asyncpg.Pool, user_id: str, status: str | None, limit: int,
                          offset: int) -> tuple[list[asyncpg.Record], int]:
-    where = "user_id = $1 AND ($2::text IS NULL OR status = $2)"
-    rows = await db.fetch(
-        f"SELECT {ORDER_COLUMNS} FROM orders WHERE {where} ORDER BY id DESC LIMIT $3 OFFSET $4",
-        user_id, status, limit, offset,
-    )
-    total = await db.fetchval(f"SELECT count(*) FROM orders WHERE {where}", user_id, status)
+    where = "o.user_id = $1 AND ($2::text IS NULL OR o.status = $2)"
+    rows = await db.fetch(f"{_ORDERS} WHERE {where} ORDER BY o.id DESC LIMIT $3 OFFSET $4",
+                          user_id, status, limit, offset)
+    total = await db.fetchval(f"SELECT count(*) FROM orders o WHERE {where}", user_id, status)
     return rows, total
 
 

@@ -1,0 +1,127 @@
+"""Payment links and gateway webhooks."""
+
+import hashlib
+import uuid
+
+import asyncpg
+from aiohttp import web
+
+from flashsale.actors.messages import (
+    CapturePayment,
+    Command,
+    FailPayment,
+    Rejection,
+    SettleRefund,
+)
+from flashsale.actors.product import OrderStatus
+from flashsale.actors.product_actor import ProductUnavailable
+from flashsale.http.checkout_page import checkout_page, settled_page
+from flashsale.http.engine import ENGINE
+from flashsale.http.problems import ApiError
+from flashsale.http.schemas import json_response, rfc3339_ms
+from flashsale.payments.provider import BadSignature, EventKind, PaymentEvent, PaymentOrder
+from flashsale.payments.sandbox import SandboxGateway
+from flashsale.persistence.orders import order_by_id
+from flashsale.persistence.payments import (
+    keep_payment_session,
+    payment_session,
+    record_webhook,
+    set_webhook_outcome,
+)
+
+
+async def pay(request: web.Request) -> web.StreamResponse:
+    """The order's payment link: creates its provider session once, then sends the shopper on."""
+    engine = request.app[ENGINE]
+    order_id = request.match_info["order_id"]
+    engine.tokens.check_payment_link(request.query.get("token", ""), order_id)
+    order = await order_by_id(engine.db, order_id)
+    if order is None:
+        raise ApiError("not_found", "no such order")
+    if order["status"] != OrderStatus.PENDING.value:
+        return web.Response(text=settled_page(order_id, order["status"]),
+                            content_type="text/html")
+    provider = engine.payments
+    session = await payment_session(engine.db, order_id)
+    if session is None:
+        checkout = await provider.start_checkout(PaymentOrder(
+            order_id, order["quantity"] * order["unit_price_minor"], order["currency"].strip(),
+            order["expires_at_ms"]))
+        session = await keep_payment_session(engine.db, order_id, provider.name,
+                                             checkout.session_id, checkout.redirect_url)
+    if session["checkout_url"]:
+        raise web.HTTPSeeOther(session["checkout_url"])
+    assert isinstance(provider, SandboxGateway)
+    page = checkout_page(provider, order_id, session["session_id"], order["quantity"],
+                         order["unit_price_minor"], order["currency"].strip(),
+                         rfc3339_ms(order["expires_at_ms"]))
+    return web.Response(text=page, content_type="text/html")
+
+
+def _command(event: PaymentEvent) -> Command:
+    match event.kind:
+        case EventKind.CAPTURED:
+            return CapturePayment(event.order_id, event.payment_id, event.amount_minor,
+                                  event.currency)
+        case EventKind.FAILED:
+            return FailPayment(event.order_id)
+        case EventKind.REFUNDED | EventKind.REFUND_FAILED:
+            return SettleRefund(event.order_id, event.kind is EventKind.REFUNDED)
+
+
+def _mismatch(event: PaymentEvent, order: asyncpg.Record) -> str | None:
+    expected = (order["refund_amount_minor"] if event.kind in (EventKind.REFUNDED,
+                                                               EventKind.REFUND_FAILED)
+                else order["quantity"] * order["unit_price_minor"])
+    if event.amount_minor != expected or event.currency != order["currency"].strip():
+        return (f"{event.amount_minor} {event.currency} does not match the order's "
+                f"{expected} {order['currency'].strip()}")
+    return None
+
+
+async def webhook(request: web.Request) -> web.Response:
+    """Signature first; then dedupe, keep the payload, check it against the order, and hand
+    the outcome to the product's actor, which changes an order once whatever the order."""
+    engine = request.app[ENGINE]
+    provider = engine.payments
+    if request.match_info["provider"] != provider.name:
+        raise ApiError("not_found", f"payments go through {provider.name} here")
+    raw = await request.read()
+    try:
+        event = provider.verify_webhook(raw, request.headers)
+    except BadSignature as error:
+        raise ApiError("invalid_token", str(error)) from None
+    event_id = event.event_id if event else f"unparsed-{hashlib.sha256(raw).hexdigest()[:32]}"
+    earlier = await record_webhook(engine.db, provider.name, event_id, raw)
+    if earlier is not None:
+        return json_response({"status": "duplicate", "outcome": earlier})
+    outcome = await _process(request, event)
+    await set_webhook_outcome(engine.db, provider.name, event_id, outcome)
+    status = "processed" if outcome == "processed" else "ignored"
+    return json_response({"status": status, "outcome": outcome})
+
+
+async def _process(request: web.Request, event: PaymentEvent | None) -> str:
+    engine = request.app[ENGINE]
+    if event is None:
+        return "ignored: not an event the engine acts on"
+    try:
+        order = await order_by_id(engine.db, str(uuid.UUID(event.order_id)))
+    except ValueError:
+        order = None
+    if order is None:
+        return "ignored: unknown order"
+    mismatch = _mismatch(event, order)
+    if mismatch:
+        return f"rejected: {mismatch}"
+    try:
+        reply = await engine.router.submit(order["product_id"], _command(event))
+    except ProductUnavailable as error:  # not recorded as done: the redelivery is processed
+        raise ApiError("unavailable", str(error)) from None
+    if isinstance(reply, Rejection):
+        return f"rejected: {reply.value}"
+    return "processed"
+
+
+async def webhooks_health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})

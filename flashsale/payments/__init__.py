@@ -1,0 +1,1 @@
+"""Payment providers behind one interface. Nothing here knows of Ray or the product actors."""

@@ -1,0 +1,70 @@
+"""Performs the refunds the WAL journals as pending: calls the gateway with one idempotency key
+per order, retries with backoff until it accepts, and asks again if it never reports back. After
+a restart the journal is still there, so nothing is lost between journal and call."""
+
+import asyncio
+import contextlib
+import logging
+
+import aiohttp
+import asyncpg
+
+from flashsale.payments.provider import GatewayError, PaymentProvider
+from flashsale.persistence.payments import claim_due_refunds, refund_accepted, refund_failed
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 1.0
+REFUNDS_PER_ROUND_MAX = 50
+GATEWAY_TIMEOUT_S = 15.0
+BACKOFF_MAX_S = 60.0
+
+
+def refund_key(order_id: str) -> str:
+    return f"refund-{order_id}"
+
+
+class RefundWorker:
+    def __init__(self, db: asyncpg.Pool, provider: PaymentProvider,
+                 poll_interval_s: float = POLL_INTERVAL_S) -> None:
+        self._db = db
+        self._provider = provider
+        self._poll_interval_s = poll_interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def run_once(self) -> int:
+        """One round of due refunds; returns how many the gateway accepted."""
+        accepted = 0
+        for row in await claim_due_refunds(self._db, REFUNDS_PER_ROUND_MAX):
+            order_id = row["order_id"]
+            try:
+                async with asyncio.timeout(GATEWAY_TIMEOUT_S):
+                    await self._provider.refund(order_id, row["payment_id"],
+                                                row["refund_amount_minor"],
+                                                row["currency"].strip(), refund_key(order_id))
+            except (GatewayError, TimeoutError, aiohttp.ClientError, OSError) as error:
+                retry_in_s = min(BACKOFF_MAX_S, 2.0 ** row["attempts"])
+                log.warning("refund of order %s failed (%s); retrying in %.0f s", order_id,
+                            error, retry_in_s)
+                await refund_failed(self._db, order_id, repr(error), retry_in_s)
+                continue
+            await refund_accepted(self._db, order_id)
+            accepted += 1
+        return accepted
+
+    async def _run_forever(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("refund worker: %s", error)
+            await asyncio.sleep(self._poll_interval_s)

@@ -1,0 +1,211 @@
+"""Payments through the sandbox provider over real HTTP: the checkout page, its signed webhooks,
+late payments, refunds, and forged or mismatched webhooks."""
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+from helpers import SANDBOX_SECRET, Api
+
+from flashsale.payments.provider import EventKind
+from flashsale.payments.sandbox import SandboxGateway
+
+PRICE = 49_900
+
+
+async def checkout(api: Api, payment_url: str) -> tuple[str, dict[str, Any]]:
+    """Open the payment link like a browser; returns the page and its pre-signed webhooks."""
+    path = payment_url.split("127.0.0.1", 1)[1].split("/", 1)[1]
+    async with api.session.get("/" + path) as reply:
+        assert reply.status == 200 and reply.content_type == "text/html"
+        page = await reply.text()
+    match = re.search(r"const webhooks = (\{.*?\});\n", page)
+    return page, json.loads(match[1]) if match else {}
+
+
+async def send(api: Api, body: str | bytes, signature: str | None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if signature is not None:
+        headers["X-Sandbox-Signature"] = signature
+    async with api.session.post("/webhooks/sandbox", data=body, headers=headers) as reply:
+        return reply.status, await reply.json(content_type=None)
+
+
+async def press(api: Api, webhooks: dict[str, Any], button: str) -> tuple[int, Any]:
+    return await send(api, webhooks[button]["body"], webhooks[button]["signature"])
+
+
+async def order_of(api: Api, token: str, order_id: str) -> dict[str, Any]:
+    status, order, _ = await api.call("GET", f"/orders/{order_id}", token)
+    assert status == 200
+    return order  # type: ignore[no-any-return]
+
+
+async def wait_for(api: Api, token: str, order_id: str, field: str, value: str,
+                   timeout_s: float = 15) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        order = await order_of(api, token, order_id)
+        if order[field] == value or time.monotonic() > deadline:
+            return order
+        await asyncio.sleep(0.1)
+
+
+async def shopper_with_order(api: Api, product_id: str) -> tuple[str, dict[str, Any]]:
+    _, token = await api.register()
+    status, placed = await api.order(token, product_id)
+    assert status == 201
+    return token, placed
+
+
+async def test_paying_on_the_checkout_page_confirms_the_order(api: Api) -> None:
+    product_id = await api.sale(stock=3)
+    token, placed = await shopper_with_order(api, product_id)
+    page, webhooks = await checkout(api, placed["payment_url"])
+    assert "Sandbox checkout" in page and placed["order_id"] in page and "499.00 INR" in page
+    assert SANDBOX_SECRET not in page
+    body = json.loads(webhooks["pay"]["body"])
+    assert body["type"] == "payment.captured" and body["amount"] == PRICE
+    assert body["order_id"] == placed["order_id"] and body["currency"] == "INR"
+
+    status, reply = await press(api, webhooks, "pay")
+    assert (status, reply["status"]) == (200, "processed")
+    order = await order_of(api, token, placed["order_id"])
+    assert (order["status"], order["payment_provider"], order["payment_id"]) == (
+        "confirmed", "sandbox", body["payment_id"])
+    assert order["confirmed_at"] is not None and order["payment_url"] is None
+    # The session is created once: a second visit offers the same payment.
+    _, again = await checkout(api, placed["payment_url"])
+    assert again == {}  # the order is settled, so the page has nothing to pay
+
+
+async def test_the_fail_button_fails_the_order_and_releases_the_units(api: Api) -> None:
+    product_id = await api.sale(stock=1)
+    token, placed = await shopper_with_order(api, product_id)
+    _, webhooks = await checkout(api, placed["payment_url"])
+    status, reply = await press(api, webhooks, "fail")
+    assert (status, reply["status"]) == (200, "processed")
+    assert (await order_of(api, token, placed["order_id"]))["status"] == "failed"
+    _, other = await api.register()
+    assert (await api.order(other, product_id))[0] == 201  # the unit came back
+
+
+async def test_a_late_payment_is_confirmed_when_units_remain(api: Api) -> None:
+    product_id = await api.sale(stock=2)
+    token, placed = await shopper_with_order(api, product_id)
+    _, webhooks = await checkout(api, placed["payment_url"])
+    await press(api, webhooks, "fail")
+    status, reply = await press(api, webhooks, "pay")
+    assert (status, reply["status"]) == (200, "processed")
+    order = await order_of(api, token, placed["order_id"])
+    assert (order["status"], order["refund_status"]) == ("confirmed", "none")
+
+
+async def test_a_late_payment_is_refunded_when_the_units_are_gone(api: Api) -> None:
+    product_id = await api.sale(stock=1)
+    token, placed = await shopper_with_order(api, product_id)
+    _, webhooks = await checkout(api, placed["payment_url"])
+    await press(api, webhooks, "fail")
+    await shopper_with_order(api, product_id)  # someone else takes the unit
+    await press(api, webhooks, "pay")
+    order = await wait_for(api, token, placed["order_id"], "refund_status", "processed")
+    assert (order["status"], order["refund_status"], order["refund_amount"]) == (
+        "failed", "processed", PRICE)
+
+
+async def test_cancel_refunds_through_the_gateway(api: Api) -> None:
+    product_id = await api.sale(stock=2)
+    token, placed = await shopper_with_order(api, product_id)
+    _, webhooks = await checkout(api, placed["payment_url"])
+    await press(api, webhooks, "pay")
+    status, cancelled, _ = await api.call("POST", f"/orders/{placed['order_id']}/cancel", token,
+                                          {"reason": "duplicate purchase"})
+    assert status == 200 and cancelled["refund_amount"] == PRICE
+    order = await wait_for(api, token, placed["order_id"], "refund_status", "processed")
+    assert (order["status"], order["refund_amount"]) == ("cancelled", PRICE)
+    attempts = await api.engine.db.fetchval(
+        "SELECT attempts FROM refund_attempts WHERE order_id = $1", placed["order_id"])
+    assert attempts == 1  # one gateway call, one refund
+
+
+async def test_a_refund_journaled_before_a_restart_is_still_made(api: Api) -> None:
+    product_id = await api.sale(stock=2)
+    token, placed = await shopper_with_order(api, product_id)
+    _, webhooks = await checkout(api, placed["payment_url"])
+    await press(api, webhooks, "pay")
+    await api.engine.refunds.stop()  # the process dies after the journal, before the call
+    await api.call("POST", f"/orders/{placed['order_id']}/cancel", token, {})
+    await asyncio.sleep(0.5)
+    assert (await order_of(api, token, placed["order_id"]))["refund_status"] == "pending"
+    assert await api.engine.refunds.run_once() == 1  # a new worker finds it in the journal
+    order = await wait_for(api, token, placed["order_id"], "refund_status", "processed")
+    assert order["refund_amount"] == PRICE
+
+
+async def test_forged_webhooks_are_refused_before_anything_else(api: Api) -> None:
+    product_id = await api.sale(stock=2)
+    token, placed = await shopper_with_order(api, product_id)
+    _, webhooks = await checkout(api, placed["payment_url"])
+    body = webhooks["pay"]["body"]
+    forger = SandboxGateway("not-the-secret", "")
+    for signature in (None, "", "00" * 32, forger.sign(body.encode())):
+        status, reply = await send(api, body, signature)
+        assert (status, reply["code"]) == (401, "invalid_token")
+    tampered = body.replace(f'"amount":{PRICE}', '"amount":1')
+    status, _ = await send(api, tampered, webhooks["pay"]["signature"])
+    assert status == 401
+    assert (await order_of(api, token, placed["order_id"]))["status"] == "pending"
+    assert await api.engine.db.fetchval("SELECT count(*) FROM webhook_events") == 0
+
+
+async def test_signed_events_that_do_not_match_the_order_confirm_nothing(api: Api) -> None:
+    product_id = await api.sale(stock=2)
+    token, placed = await shopper_with_order(api, product_id)
+    gateway = SandboxGateway(SANDBOX_SECRET, "")
+    for amount, currency in ((PRICE - 1, "INR"), (PRICE, "USD")):
+        body = gateway.event(EventKind.CAPTURED, placed["order_id"], "pay_x", amount, currency)
+        status, reply = await send(api, body, gateway.sign(body))
+        assert (status, reply["status"]) == (200, "ignored")
+        assert reply["outcome"].startswith("rejected")
+    unknown = gateway.event(EventKind.CAPTURED, str(uuid.uuid4()), "pay_y", PRICE, "INR")
+    status, reply = await send(api, unknown, gateway.sign(unknown))
+    assert (status, reply["status"], reply["outcome"]) == (200, "ignored",
+                                                           "ignored: unknown order")
+    other_type = json.dumps({"id": "evt_z", "type": "payout.paid", "order_id": placed["order_id"],
+                             "payment_id": "p", "amount": PRICE, "currency": "INR"}).encode()
+    status, reply = await send(api, other_type, gateway.sign(other_type))
+    assert (status, reply["status"]) == (200, "ignored")
+    assert (await order_of(api, token, placed["order_id"]))["status"] == "pending"
+    assert await api.engine.db.fetchval("SELECT count(*) FROM webhook_events") == 4
+
+
+async def test_the_same_webhook_ten_times_at_once_changes_the_order_once(api: Api) -> None:
+    product_id = await api.sale(stock=5)
+    token, placed = await shopper_with_order(api, product_id)
+    _, webhooks = await checkout(api, placed["payment_url"])
+    replies = await asyncio.gather(*(press(api, webhooks, "pay") for _ in range(10)))
+    assert {status for status, _ in replies} == {200}
+    status, reply = await press(api, webhooks, "fail")  # late and out of order: no effect
+    assert status == 200
+    order = await order_of(api, token, placed["order_id"])
+    assert order["status"] == "confirmed"
+    await asyncio.sleep(1.1)
+    _, product, _ = await api.call("GET", f"/products/{product_id}")
+    assert (product["sold"], product["reserved"], product["available"]) == (1, 0, 4)
+    kept = await api.engine.db.fetchval("SELECT count(*) FROM webhook_events")
+    assert kept == 2  # one payload per event id, redeliveries deduplicated
+
+
+async def test_payment_links_are_signed_per_order(api: Api) -> None:
+    product_id = await api.sale(stock=5, limit=2)
+    _, first = await shopper_with_order(api, product_id)
+    _, second = await shopper_with_order(api, product_id)
+    token = second["payment_url"].split("token=", 1)[1]
+    for path in (f"/pay/{first['order_id']}?token={token}", f"/pay/{first['order_id']}",
+                 f"/pay/{first['order_id']}?token=garbage"):
+        status, body, _ = await api.call("GET", path)
+        assert (status, body["code"]) == (401, "invalid_token")
+    assert (await api.call("GET", "/webhooks/health"))[:2] == (200, {"status": "ok"})
