@@ -97,6 +97,8 @@ Try it:
        -H 'X-Idempotency-Key: my-first-order' -H 'Content-Type: application/json' \\
        -d '{{"product_id": "{row.id}", "quantity": 1}}'
   curl -s {url}/orders -H "Authorization: Bearer $TOKEN"
+
+Open the order's payment_url in a browser to pay (or fail) on the sandbox checkout page.
 """, flush=True)
 
 
