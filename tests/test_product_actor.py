@@ -53,6 +53,37 @@ async def send_until_decided(actor: ActorHandle, commands: list[Command],
             await asyncio.sleep(0.1)
 
 
+class Shoppers:
+    """Batches of new orders sent while a fault strikes: what was acknowledged, what was not."""
+
+    def __init__(self, actor: ActorHandle) -> None:
+        self.actor = actor
+        self.acknowledged: dict[str, OrderRecord] = {}
+        self.unanswered: list[list[Command]] = []
+
+    async def stream(self, batches: int, batch_size: int, pause_s: float) -> None:
+        for _ in range(batches):
+            batch: list[Command] = [place() for _ in range(batch_size)]
+            try:
+                replies = await send(self.actor, batch)
+            except CallFailed:
+                self.unanswered.append(batch)
+                await asyncio.sleep(pause_s)
+                continue
+            for reply in replies:
+                assert isinstance(reply, OrderRecord)
+                self.acknowledged[reply.user_id] = reply
+            await asyncio.sleep(pause_s)
+
+    async def retry_unanswered(self) -> None:
+        assert self.unanswered, "the fault should have left some batches unanswered"
+        for batch in self.unanswered:
+            for cmd, reply in zip(batch, await send_until_decided(self.actor, batch),
+                                  strict=True):
+                assert isinstance(cmd, PlaceOrder) and isinstance(reply, OrderRecord)
+                self.acknowledged[cmd.user_id] = reply
+
+
 def replay_cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FLASHSALE_DATABASE_URL": dsn}
     return subprocess.run([sys.executable, "-m", "flashsale.cli", "replay", *args], env=env,
@@ -108,34 +139,16 @@ async def test_kill_9_loses_no_acknowledged_order_and_retries_create_no_second(
     products: ProductFactory, database_dsn: str
 ) -> None:
     product_id, actor = await products(stock=100_000, limit=1, snapshot_every_events=150)
-    acknowledged: dict[str, OrderRecord] = {}
-    unanswered: list[list[Command]] = []
-
-    async def shopper_stream() -> None:
-        for _ in range(40):
-            batch: list[Command] = [place() for _ in range(10)]
-            try:
-                replies = await send(actor, batch)
-            except CallFailed:
-                unanswered.append(batch)
-                continue
-            for reply in replies:
-                assert isinstance(reply, OrderRecord)
-                acknowledged[reply.user_id] = reply
-            await asyncio.sleep(0.005)
+    shoppers = Shoppers(actor)
 
     async def kill_mid_stream() -> None:
-        while len(acknowledged) < 300:
+        while len(shoppers.acknowledged) < 300:
             await asyncio.sleep(0.01)
         os.kill(await actor.pid.remote(), signal.SIGKILL)
 
-    await asyncio.gather(*(shopper_stream() for _ in range(4)), kill_mid_stream())
-    assert unanswered, "the kill should have left some batches unanswered"
-
-    for batch in unanswered:
-        for cmd, reply in zip(batch, await send_until_decided(actor, batch), strict=True):
-            assert isinstance(cmd, PlaceOrder) and isinstance(reply, OrderRecord)
-            acknowledged[cmd.user_id] = reply
+    await asyncio.gather(*(shoppers.stream(40, 10, 0.005) for _ in range(4)), kill_mid_stream())
+    await shoppers.retry_unanswered()
+    acknowledged = shoppers.acknowledged
 
     state = await live_state(actor)
     for user_id, order in acknowledged.items():
@@ -163,36 +176,18 @@ async def test_a_postgres_restart_acknowledges_nothing_unflushed(
         await migrate(conn)
         await conn.close()
         product_id, actor = await products(stock=100_000, dsn=server.dsn())
-        acknowledged: dict[str, OrderRecord] = {}
-        unanswered: list[list[Command]] = []
-
-        async def shopper_stream() -> None:
-            for _ in range(100):
-                batch: list[Command] = [place() for _ in range(5)]
-                try:
-                    replies = await send(actor, batch)
-                except CallFailed:
-                    unanswered.append(batch)
-                    await asyncio.sleep(0.05)
-                    continue
-                for reply in replies:
-                    assert isinstance(reply, OrderRecord)
-                    acknowledged[reply.user_id] = reply
-                await asyncio.sleep(0.01)
+        shoppers = Shoppers(actor)
 
         async def restart_postgres() -> None:
-            while len(acknowledged) < 50:
+            while len(shoppers.acknowledged) < 50:
                 await asyncio.sleep(0.01)
             await asyncio.to_thread(server.stop)
             await asyncio.sleep(1.0)
             await asyncio.to_thread(server.restart)
 
-        await asyncio.gather(shopper_stream(), restart_postgres())
-        assert unanswered, "the restart should have left some batches unanswered"
-        for batch in unanswered:
-            for cmd, reply in zip(batch, await send_until_decided(actor, batch), strict=True):
-                assert isinstance(cmd, PlaceOrder) and isinstance(reply, OrderRecord)
-                acknowledged[cmd.user_id] = reply
+        await asyncio.gather(shoppers.stream(100, 5, 0.01), restart_postgres())
+        await shoppers.retry_unanswered()
+        acknowledged = shoppers.acknowledged
 
         conn = await asyncpg.connect(server.dsn())
         try:
