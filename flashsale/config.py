@@ -51,8 +51,10 @@ def load_settings(env: dict[str, str] | None = None, **flags: object) -> Setting
         raise ConfigError(
             f"FLASHSALE_PAYMENT_PROVIDER must be one of {', '.join(PROVIDERS)}, got {provider!r}"
         )
-    if provider == "stripe" and not env.get("STRIPE_API_KEY"):
-        raise ConfigError("FLASHSALE_PAYMENT_PROVIDER=stripe needs STRIPE_API_KEY")
+    stripe_keys = env.get("STRIPE_API_KEY") and env.get("STRIPE_WEBHOOK_SECRET")
+    if provider == "stripe" and not stripe_keys:
+        raise ConfigError("FLASHSALE_PAYMENT_PROVIDER=stripe needs STRIPE_API_KEY and "
+                          "STRIPE_WEBHOOK_SECRET")
     razorpay_keys = env.get("RAZORPAY_KEY_ID") and env.get("RAZORPAY_KEY_SECRET")
     if provider == "razorpay" and not razorpay_keys:
         raise ConfigError(

@@ -19,6 +19,7 @@ from flashsale.http.app import create_app
 from flashsale.http.engine import Engine, start_engine
 from flashsale.payments.provider import PaymentProvider
 from flashsale.payments.sandbox import SandboxGateway
+from flashsale.payments.stripe_gateway import StripeGateway
 from flashsale.persistence.database import open_database
 from flashsale.persistence.products import insert_product
 from flashsale.persistence.users import create_user, ensure_admin
@@ -49,9 +50,13 @@ def _stop_on_signals() -> asyncio.Event:
 
 
 def payment_provider(settings: Settings) -> PaymentProvider:
+    env = os.environ
+    if settings.payment_provider == "stripe":
+        return StripeGateway(env["STRIPE_API_KEY"], env["STRIPE_WEBHOOK_SECRET"],
+                             env.get("FLASHSALE_STRIPE_API_BASE") or None)
     if settings.payment_provider != "sandbox":
         raise ConfigError(f"the {settings.payment_provider} provider is not available in this "
-                          "version; use FLASHSALE_PAYMENT_PROVIDER=sandbox")
+                          "version; use sandbox or stripe")
     secret = os.environ.get("FLASHSALE_SANDBOX_WEBHOOK_SECRET") or stored_secret(
         settings.data_dir, "sandbox_webhook_secret")
     return SandboxGateway(secret, f"{settings.base_url}/webhooks/sandbox")

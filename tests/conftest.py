@@ -19,7 +19,8 @@ from flashsale.actors.product import Policy
 from flashsale.actors.product_actor import ActorConfig, send
 from flashsale.actors.registry import product_actor
 from flashsale.http.app import create_app
-from flashsale.http.engine import start_engine
+from flashsale.http.engine import Engine, start_engine
+from flashsale.payments.provider import PaymentProvider
 from flashsale.payments.sandbox import SandboxGateway
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
@@ -100,23 +101,41 @@ async def products(ray_session: None, database_dsn: str) -> AsyncIterator[Produc
         ray.kill(actor, no_restart=True)
 
 
+ApiFactory = Callable[..., Awaitable[Api]]
+
+
 @pytest.fixture
-async def api(ray_session: None, database_dsn: str) -> AsyncIterator[Api]:
-    """A real engine (aiohttp on a loopback port, Ray actors, PostgreSQL) and a client."""
-    config = ActorConfig(database_dsn, Policy(hold_ttl_ms=HOLD_TTL_MS,
-                                              cancel_window_ms=CANCEL_WINDOW_MS))
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    gateway = SandboxGateway(SANDBOX_SECRET, f"{base_url}/webhooks/sandbox")
-    engine = await start_engine(database_dsn, config, JWT_SECRET, bcrypt_rounds=4,
-                                base_url=base_url, payments=gateway, deactivated_refresh_s=0.2)
-    server = TestServer(create_app(engine), host="127.0.0.1", port=port)
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as session:
-            yield Api(session, engine)
-    finally:
+async def make_api(ray_session: None, database_dsn: str) -> AsyncIterator[ApiFactory]:
+    """Starts real engines (aiohttp on a loopback port, Ray actors, PostgreSQL) with a client;
+    `payments` builds the provider from the engine's base URL (default: the sandbox)."""
+    running: list[tuple[TestServer, aiohttp.ClientSession, Engine]] = []
+
+    async def make(payments: Callable[[str], PaymentProvider] | None = None,
+                   hold_ttl_ms: int = HOLD_TTL_MS) -> Api:
+        config = ActorConfig(database_dsn, Policy(hold_ttl_ms=hold_ttl_ms,
+                                                  cancel_window_ms=CANCEL_WINDOW_MS))
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        gateway = (payments(base_url) if payments else
+                   SandboxGateway(SANDBOX_SECRET, f"{base_url}/webhooks/sandbox"))
+        engine = await start_engine(database_dsn, config, JWT_SECRET, bcrypt_rounds=4,
+                                    base_url=base_url, payments=gateway,
+                                    deactivated_refresh_s=0.2)
+        server = TestServer(create_app(engine), host="127.0.0.1", port=port)
+        await server.start_server()
+        session = aiohttp.ClientSession(base_url=base_url)
+        running.append((server, session, engine))
+        return Api(session, engine)
+
+    yield make
+    for server, session, engine in running:
+        await session.close()
         await server.close()
         for product_id in [row.id for row in await all_products(engine.db)]:
             ray.kill(engine.router.actor(product_id), no_restart=True)
         await engine.stop()
+
+
+@pytest.fixture
+async def api(make_api: ApiFactory) -> Api:
+    return await make_api()

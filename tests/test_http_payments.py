@@ -136,11 +136,11 @@ async def test_a_refund_journaled_before_a_restart_is_still_made(api: Api) -> No
     token, placed = await shopper_with_order(api, product_id)
     _, webhooks = await checkout(api, placed["payment_url"])
     await press(api, webhooks, "pay")
-    await api.engine.refunds.stop()  # the process dies after the journal, before the call
+    await api.engine.payment_worker.stop()  # the process dies after the journal, before the call
     await api.call("POST", f"/orders/{placed['order_id']}/cancel", token, {})
     await asyncio.sleep(0.5)
     assert (await order_of(api, token, placed["order_id"]))["refund_status"] == "pending"
-    assert await api.engine.refunds.run_once() == 1  # a new worker finds it in the journal
+    assert await api.engine.payment_worker.run_once() == 1  # a new worker finds it in the journal
     order = await wait_for(api, token, placed["order_id"], "refund_status", "processed")
     assert order["refund_amount"] == PRICE
 

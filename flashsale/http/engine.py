@@ -16,8 +16,7 @@ from flashsale.http.auth import (
 from flashsale.http.catalogue import Catalogue
 from flashsale.http.problems import ApiError
 from flashsale.payments.provider import PaymentProvider
-from flashsale.payments.refunds import RefundWorker
-from flashsale.payments.sandbox import SandboxGateway
+from flashsale.payments.worker import PaymentWorker
 from flashsale.persistence.orders import keys_used_elsewhere
 
 POOL_SIZE_MAX = 10
@@ -29,7 +28,7 @@ class Engine:
                  deactivated_refresh_s: float = DEACTIVATED_REFRESH_S) -> None:
         self.db = db
         self.payments = payments
-        self.refunds = RefundWorker(db, payments)
+        self.payment_worker = PaymentWorker(db, payments)
         self.router = ProductRouter(actor_config, screen=self._refuse_keys_used_elsewhere)
         self.catalogue = Catalogue(db, self.router)
         self.passwords = Passwords(bcrypt_rounds)
@@ -68,12 +67,11 @@ class Engine:
     async def start(self) -> None:
         await self.deactivated.start()
         await self.catalogue.start()
-        self.refunds.start()
+        self.payment_worker.start()
 
     async def stop(self) -> None:
-        await self.refunds.stop()
-        if isinstance(self.payments, SandboxGateway):
-            await self.payments.close()
+        await self.payment_worker.stop()
+        await self.payments.close()
         await self.catalogue.stop()
         await self.deactivated.stop()
         self.passwords.close()

@@ -46,7 +46,7 @@ async def pay(request: web.Request) -> web.StreamResponse:
     if session is None:
         checkout = await provider.start_checkout(PaymentOrder(
             order_id, order["quantity"] * order["unit_price_minor"], order["currency"].strip(),
-            order["expires_at_ms"]))
+            order["expires_at_ms"]), return_url=str(request.url))
         session = await keep_payment_session(engine.db, order_id, provider.name,
                                              checkout.session_id, checkout.redirect_url)
     if session["checkout_url"]:

@@ -57,8 +57,11 @@ class SandboxGateway:
         return msgspec.json.encode(SandboxEvent(f"evt_{secrets.token_hex(12)}", _TYPES[kind],
                                                 order_id, payment_id, amount_minor, currency))
 
-    async def start_checkout(self, order: PaymentOrder) -> Checkout:
+    async def start_checkout(self, order: PaymentOrder, return_url: str) -> Checkout:
         return Checkout(f"pay_{secrets.token_hex(12)}", redirect_url=None)
+
+    async def expire_checkout(self, session_id: str) -> None:
+        """The sandbox page of a lapsed order offers nothing to pay: nothing to close."""
 
     async def refund(self, order_id: str, payment_id: str, amount_minor: int, currency: str,
                      idempotency_key: str) -> None:

@@ -76,3 +76,16 @@ async def refund_failed(db: asyncpg.Pool, order_id: str, error: str, retry_in_s:
         "UPDATE refund_attempts SET last_error = $2, "
         "next_attempt_at = now() + make_interval(secs => $3) WHERE order_id = $1",
         order_id, error[:500], retry_in_s)
+
+
+async def lapsed_sessions(db: asyncpg.Pool, limit: int) -> list[asyncpg.Record]:
+    """Open provider sessions of orders whose hold lapsed or whose payment failed."""
+    return await db.fetch(
+        """SELECT s.order_id::text, s.session_id FROM payment_sessions s
+           JOIN orders o ON o.id = s.order_id
+           WHERE s.expired_at IS NULL AND o.status IN ('expired', 'failed') LIMIT $1""", limit)
+
+
+async def mark_session_expired(db: asyncpg.Pool, order_id: str) -> None:
+    await db.execute("UPDATE payment_sessions SET expired_at = now() WHERE order_id = $1",
+                     order_id)

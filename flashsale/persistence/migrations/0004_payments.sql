@@ -4,7 +4,9 @@ CREATE TABLE payment_sessions (
     provider text NOT NULL,
     session_id text NOT NULL,
     checkout_url text,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- Set once the provider's session is closed because the order's hold lapsed.
+    expired_at timestamptz
 );
 
 -- Every webhook delivery that passed its signature check, for audit and debugging (payload

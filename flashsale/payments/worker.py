@@ -1,6 +1,9 @@
-"""Performs the refunds the WAL journals as pending: calls the gateway with one idempotency key
-per order, retries with backoff until it accepts, and asks again if it never reports back. After
-a restart the journal is still there, so nothing is lost between journal and call."""
+"""The payment side's background work.
+
+Refunds: performs those the WAL journals as pending, with one gateway idempotency key per order,
+retrying with backoff until the gateway accepts and asking again if it never reports back. After
+a restart the journal is still there, so nothing is lost between journal and call.
+Sessions: closes the provider session of an order whose hold lapsed, so it takes no money."""
 
 import asyncio
 import contextlib
@@ -10,7 +13,13 @@ import aiohttp
 import asyncpg
 
 from flashsale.payments.provider import GatewayError, PaymentProvider
-from flashsale.persistence.payments import claim_due_refunds, refund_accepted, refund_failed
+from flashsale.persistence.payments import (
+    claim_due_refunds,
+    lapsed_sessions,
+    mark_session_expired,
+    refund_accepted,
+    refund_failed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +33,7 @@ def refund_key(order_id: str) -> str:
     return f"refund-{order_id}"
 
 
-class RefundWorker:
+class PaymentWorker:
     def __init__(self, db: asyncpg.Pool, provider: PaymentProvider,
                  poll_interval_s: float = POLL_INTERVAL_S) -> None:
         self._db = db
@@ -42,7 +51,21 @@ class RefundWorker:
                 await self._task
 
     async def run_once(self) -> int:
-        """One round of due refunds; returns how many the gateway accepted."""
+        """One round; returns how many refunds the gateway accepted."""
+        await self._expire_lapsed_sessions()
+        return await self._refund_due()
+
+    async def _expire_lapsed_sessions(self) -> None:
+        for session in await lapsed_sessions(self._db, REFUNDS_PER_ROUND_MAX):
+            try:
+                async with asyncio.timeout(GATEWAY_TIMEOUT_S):
+                    await self._provider.expire_checkout(session["session_id"])
+            except (GatewayError, TimeoutError, aiohttp.ClientError, OSError) as error:
+                log.warning("could not close session %s: %s", session["session_id"], error)
+                continue
+            await mark_session_expired(self._db, session["order_id"])
+
+    async def _refund_due(self) -> int:
         accepted = 0
         for row in await claim_due_refunds(self._db, REFUNDS_PER_ROUND_MAX):
             order_id = row["order_id"]
@@ -66,5 +89,5 @@ class RefundWorker:
             try:
                 await self.run_once()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                log.warning("refund worker: %s", error)
+                log.warning("payment worker: %s", error)
             await asyncio.sleep(self._poll_interval_s)
