@@ -55,11 +55,11 @@ def load_settings(env: dict[str, str] | None = None, **flags: object) -> Setting
     if provider == "stripe" and not stripe_keys:
         raise ConfigError("FLASHSALE_PAYMENT_PROVIDER=stripe needs STRIPE_API_KEY and "
                           "STRIPE_WEBHOOK_SECRET")
-    razorpay_keys = env.get("RAZORPAY_KEY_ID") and env.get("RAZORPAY_KEY_SECRET")
+    razorpay_keys = all(env.get(f"RAZORPAY_{name}") for name in
+                        ("KEY_ID", "KEY_SECRET", "WEBHOOK_SECRET"))
     if provider == "razorpay" and not razorpay_keys:
-        raise ConfigError(
-            "FLASHSALE_PAYMENT_PROVIDER=razorpay needs RAZORPAY_KEY_ID and RAZORPAY_KEY_SECRET"
-        )
+        raise ConfigError("FLASHSALE_PAYMENT_PROVIDER=razorpay needs RAZORPAY_KEY_ID, "
+                          "RAZORPAY_KEY_SECRET and RAZORPAY_WEBHOOK_SECRET")
     values: dict[str, object] = {
         "data_dir": Path(env.get("FLASHSALE_DATA_DIR") or ".flashsale"),
         "database_url": env.get("FLASHSALE_DATABASE_URL") or None,

@@ -18,6 +18,7 @@ from flashsale.config import ConfigError, Settings, stored_secret
 from flashsale.http.app import create_app
 from flashsale.http.engine import Engine, start_engine
 from flashsale.payments.provider import PaymentProvider
+from flashsale.payments.razorpay_gateway import RazorpayGateway
 from flashsale.payments.sandbox import SandboxGateway
 from flashsale.payments.stripe_gateway import StripeGateway
 from flashsale.persistence.database import open_database
@@ -54,9 +55,10 @@ def payment_provider(settings: Settings) -> PaymentProvider:
     if settings.payment_provider == "stripe":
         return StripeGateway(env["STRIPE_API_KEY"], env["STRIPE_WEBHOOK_SECRET"],
                              env.get("FLASHSALE_STRIPE_API_BASE") or None)
-    if settings.payment_provider != "sandbox":
-        raise ConfigError(f"the {settings.payment_provider} provider is not available in this "
-                          "version; use sandbox or stripe")
+    if settings.payment_provider == "razorpay":
+        return RazorpayGateway(env["RAZORPAY_KEY_ID"], env["RAZORPAY_KEY_SECRET"],
+                               env["RAZORPAY_WEBHOOK_SECRET"],
+                               env.get("FLASHSALE_RAZORPAY_API_BASE") or None)
     secret = os.environ.get("FLASHSALE_SANDBOX_WEBHOOK_SECRET") or stored_secret(
         settings.data_dir, "sandbox_webhook_secret")
     return SandboxGateway(secret, f"{settings.base_url}/webhooks/sandbox")

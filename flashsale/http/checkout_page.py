@@ -1,11 +1,14 @@
-"""The sandbox's local checkout page. Its buttons post webhooks that the server signed when it
-rendered the page, so the browser sends exactly the gateway's webhook and never sees the key."""
+"""Checkout pages served by the engine: the sandbox's own, and Razorpay's (checkout.js).
+
+The sandbox page's buttons post webhooks that the server signed when it rendered the page, so
+the browser sends exactly the gateway's webhook and never sees the key."""
 
 import html
 
 import msgspec
 
-from flashsale.payments.provider import EventKind
+from flashsale.payments.provider import EventKind, PaymentOrder, PaymentProvider
+from flashsale.payments.razorpay_gateway import RazorpayGateway
 from flashsale.payments.sandbox import SIGNATURE_HEADER, SandboxGateway
 
 _PAGE = """<!doctype html>
@@ -43,6 +46,19 @@ document.getElementById("fail").onclick = () => send("fail");
 </script></body></html>
 """
 
+_RAZORPAY = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Checkout</title>
+<script src="https://checkout.razorpay.com/v1/checkout.js"></script></head>
+<body style="font-family: system-ui, sans-serif; max-width: 32rem; margin: 3rem auto">
+<h1>Checkout</h1><p>Order <code>{order_id}</code>: <strong>{total} {currency}</strong></p>
+<button id="pay">Pay with Razorpay</button>
+<script>
+const options = {options};
+options.handler = () => {{ location.href = options.callback; }};
+document.getElementById("pay").onclick = () => new Razorpay(options).open();
+</script></body></html>
+"""
+
 _SETTLED = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Order {status}</title></head>
 <body style="font-family: system-ui, sans-serif; max-width: 32rem; margin: 3rem auto">
@@ -59,16 +75,30 @@ def settled_page(order_id: str, status: str) -> str:
     return _SETTLED.format(order_id=html.escape(order_id), status=html.escape(status))
 
 
-def checkout_page(gateway: SandboxGateway, order_id: str, payment_id: str, quantity: int,
-                  unit_price_minor: int, currency: str, expires_at: str) -> str:
-    total = quantity * unit_price_minor
+def _script_json(value: object) -> str:
+    # Inside <script>: encode, then keep "</" from closing the element early.
+    return msgspec.json.encode(value).decode().replace("</", "<\\/")
+
+
+def checkout_page(provider: PaymentProvider, order: PaymentOrder, session_id: str,
+                  quantity: int, expires_at: str, return_url: str) -> str:
+    """The page for a provider whose checkout the engine serves itself."""
+    if isinstance(provider, RazorpayGateway):
+        options = {"key": provider.key_id, "amount": order.amount_minor,
+                   "currency": order.currency, "order_id": session_id, "name": "Flash sale",
+                   "notes": {"order_id": order.order_id}, "callback": return_url}
+        return _RAZORPAY.format(order_id=html.escape(order.order_id),
+                                total=_money(order.amount_minor),
+                                currency=html.escape(order.currency),
+                                options=_script_json(options))
+    assert isinstance(provider, SandboxGateway)
     webhooks = {}
     for which, kind in (("pay", EventKind.CAPTURED), ("fail", EventKind.FAILED)):
-        body = gateway.event(kind, order_id, payment_id, total, currency)
-        webhooks[which] = {"body": body.decode(), "signature": gateway.sign(body)}
-    # Inside <script>: encode, then keep "</" from closing the element early.
-    payload = msgspec.json.encode(webhooks).decode().replace("</", "<\\/")
-    return _PAGE.format(order_id=html.escape(order_id), quantity=quantity,
-                        unit_price=_money(unit_price_minor), total=_money(total),
-                        currency=html.escape(currency), expires_at=html.escape(expires_at),
-                        webhooks=payload, header=SIGNATURE_HEADER)
+        body = provider.event(kind, order.order_id, session_id, order.amount_minor,
+                              order.currency)
+        webhooks[which] = {"body": body.decode(), "signature": provider.sign(body)}
+    return _PAGE.format(order_id=html.escape(order.order_id), quantity=quantity,
+                        unit_price=_money(order.amount_minor // quantity),
+                        total=_money(order.amount_minor), currency=html.escape(order.currency),
+                        expires_at=html.escape(expires_at), webhooks=_script_json(webhooks),
+                        header=SIGNATURE_HEADER)

@@ -19,8 +19,13 @@ from flashsale.http.checkout_page import checkout_page, settled_page
 from flashsale.http.engine import ENGINE
 from flashsale.http.problems import ApiError
 from flashsale.http.schemas import json_response, rfc3339_ms
-from flashsale.payments.provider import BadSignature, EventKind, PaymentEvent, PaymentOrder
-from flashsale.payments.sandbox import SandboxGateway
+from flashsale.payments.provider import (
+    BadSignature,
+    EventKind,
+    GatewayError,
+    PaymentEvent,
+    PaymentOrder,
+)
 from flashsale.persistence.orders import order_by_id
 from flashsale.persistence.payments import (
     keep_payment_session,
@@ -42,19 +47,20 @@ async def pay(request: web.Request) -> web.StreamResponse:
         return web.Response(text=settled_page(order_id, order["status"]),
                             content_type="text/html")
     provider = engine.payments
+    payment = PaymentOrder(order_id, order["quantity"] * order["unit_price_minor"],
+                           order["currency"].strip(), order["expires_at_ms"])
     session = await payment_session(engine.db, order_id)
     if session is None:
-        checkout = await provider.start_checkout(PaymentOrder(
-            order_id, order["quantity"] * order["unit_price_minor"], order["currency"].strip(),
-            order["expires_at_ms"]), return_url=str(request.url))
+        try:
+            checkout = await provider.start_checkout(payment, return_url=str(request.url))
+        except GatewayError as error:
+            raise ApiError("unavailable", f"the payment gateway did not answer: {error}") from None
         session = await keep_payment_session(engine.db, order_id, provider.name,
                                              checkout.session_id, checkout.redirect_url)
     if session["checkout_url"]:
         raise web.HTTPSeeOther(session["checkout_url"])
-    assert isinstance(provider, SandboxGateway)
-    page = checkout_page(provider, order_id, session["session_id"], order["quantity"],
-                         order["unit_price_minor"], order["currency"].strip(),
-                         rfc3339_ms(order["expires_at_ms"]))
+    page = checkout_page(provider, payment, session["session_id"], order["quantity"],
+                         rfc3339_ms(order["expires_at_ms"]), str(request.url))
     return web.Response(text=page, content_type="text/html")
 
 
