@@ -134,3 +134,15 @@ async def test_a_refund_survives_a_500_and_a_timeout_and_is_made_once(
     _, order, _ = await api.call("GET", f"/orders/{order_id}", token)
     assert (order["status"], order["refund_status"], order["refund_amount"]) == (
         "cancelled", "processed", PRICE)
+
+
+async def test_a_failed_payment_fails_the_order(api: Api, stub: RazorpayStub) -> None:
+    token, placed = await placed_order(api)
+    await open_checkout(api, placed["payment_url"])
+    failed = webhook("payment.failed", "payment", {
+        "id": f"pay_{secrets.token_hex(7)}", "entity": "payment",
+        "order_id": stub.orders[0]["id"], "amount": PRICE, "currency": "INR",
+        "status": "failed", "notes": {"order_id": placed["order_id"]}})
+    assert (await deliver(api, failed))[1]["status"] == "processed"
+    _, order, _ = await api.call("GET", f"/orders/{placed['order_id']}", token)
+    assert order["status"] == "failed"

@@ -171,3 +171,21 @@ async def test_a_session_is_closed_once_the_hold_lapses(make_api: Any,
     assert stub.expired == [session["id"]]
     _, order, _ = await api.call("GET", f"/orders/{placed['order_id']}", token)
     assert order["status"] == "expired"
+
+
+@pytest.mark.parametrize("kind", ["checkout.session.async_payment_failed",
+                                  "checkout.session.expired"])
+async def test_a_failed_or_expired_session_fails_the_order(make_api: Any, stub: StripeStub,
+                                                           kind: str) -> None:
+    api = await stripe_api(make_api, stub)
+    product_id = await api.sale(stock=1)
+    _, token = await api.register()
+    _, placed = await api.order(token, product_id)
+    await visit(api, placed["payment_url"])
+    [session] = stub.sessions.values()
+    status, reply = await deliver(api, event(kind, {**session, "payment_status": "unpaid"}))
+    assert (status, reply["status"]) == (200, "processed")
+    _, order, _ = await api.call("GET", f"/orders/{placed['order_id']}", token)
+    assert order["status"] == "failed"
+    _, other = await api.register()
+    assert (await api.order(other, product_id))[0] == 201  # the unit came back
