@@ -33,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         "per order), send the same crowd of shoppers to each in turn, audit both, and write "
         "DIR/results.json, DIR/throughput.png and DIR/latency.png.",
     )
-    run.add_argument("--scenario", choices=("hot", "wide", "crash"), default="hot",
-                     help="hot: one product; wide: many products, uneven popularity; crash: "
-                     "hot with kill -9 of the product's actor mid-run (default hot)")
+    run.add_argument("--scenario", choices=("hot", "wide", "flow", "crash"), default="hot",
+                     help="hot: one product; wide: many products, uneven popularity; flow: "
+                     "half the orders paid through sandbox webhooks, the rest left to expire "
+                     "(the baseline only takes the orders); crash: hot with kill -9 of the "
+                     "product's actor mid-run (default hot)")
     run.add_argument("--shoppers", type=int, help="one order attempt each (default 20,000; "
                      "quick 2,000)")
     run.add_argument("--stock", type=int, help="units on sale in all (default 2,000; quick 200)")

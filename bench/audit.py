@@ -54,9 +54,10 @@ def judge(stocks: dict[str, int], counts: dict[str, ProductFacts],
 
 
 async def gather_facts(url: str, product_ids: list[str], shoppers: list[Shopper],
-                       load: LoadResult, connections: int = 32,
-                       ) -> tuple[dict[str, ProductFacts], int]:
-    """Product counts and how many acknowledged orders cannot be read back, from the API."""
+                       load: LoadResult, expected_status: dict[str, str] | None = None,
+                       connections: int = 32) -> tuple[dict[str, ProductFacts], int]:
+    """Product counts, and how many acknowledged orders cannot be read back with the status they
+    should have (by default pending or confirmed), from the API."""
     async with aiohttp.ClientSession() as session:
         counts = {}
         for product_id in product_ids:
@@ -71,7 +72,9 @@ async def gather_facts(url: str, product_ids: list[str], shoppers: list[Shopper]
                 f"{url}/orders/{order_id}", headers={"Authorization": f"Bearer {shopper.token}"}
             ) as reply:
                 body = await reply.json(content_type=None)
-                return reply.status == 200 and body.get("status") in ("pending", "confirmed")
+                wanted = ({expected_status[order_id]} if expected_status
+                          else {"pending", "confirmed"})
+                return reply.status == 200 and body.get("status") in wanted
 
         answers = await asyncio.gather(*(readable(shoppers[c.shopper], c.order_id)
                                          for c in load.created))

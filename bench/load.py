@@ -46,6 +46,12 @@ class LoadResult:
         self.elapsed_s = 0.0
         self.crashed_at: float | None = None
 
+    def only(self, order_ids: set[str]) -> "LoadResult":
+        """The same run, keeping only the given acknowledged orders (for audits)."""
+        kept = LoadResult()
+        kept.created = [c for c in self.created if c.order_id in order_ids]
+        return kept
+
     @property
     def answered(self) -> int:
         return len(self.completed_at)

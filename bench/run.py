@@ -28,12 +28,16 @@ from bench.report import Side, write_report
 from bench.scenarios import Scenario, build
 from flashsale.actors.registry import NAMESPACE, actor_name
 from flashsale.http.auth import Tokens
+from flashsale.payments.provider import EventKind
+from flashsale.payments.sandbox import SIGNATURE_HEADER, SandboxGateway
 from flashsale.persistence.embedded import EmbeddedPostgres
 
 ADMIN = {"email": "bench-admin@example.com", "password": "bench-admin-1"}
+PRICE_MINOR = 49_900
 START_TIMEOUT_S = 120
 CACHE_SETTLE_S = 1.2  # engine product reads lag the actors by at most a second
 CRASH_AFTER_FRACTION = 0.3
+FLOW_HOLD_TTL_S = {True: 8, False: 30}  # quick, full: long enough to pay before holds lapse
 
 
 class Params(NamedTuple):
@@ -129,10 +133,15 @@ async def drive(target: Target, scenario: Scenario, params: Params,
 
 
 async def audit(target: Target, scenario: Scenario, shoppers: list[Shopper],
-                load: LoadResult) -> Verdict:
+                load: LoadResult, paid: set[str] | None = None) -> Verdict:
+    """With `paid` (flow), only the paid orders may hold units: the others must have expired."""
     await asyncio.sleep(CACHE_SETTLE_S)
-    counts, unreadable = await gather_facts(target.url, target.product_ids, shoppers, load)
-    per_product, per_user = tally(shoppers, load)
+    expected = None if paid is None else {
+        c.order_id: "confirmed" if c.order_id in paid else "expired" for c in load.created}
+    counts, unreadable = await gather_facts(target.url, target.product_ids, shoppers, load,
+                                            expected)
+    kept = load if paid is None else load.only(paid)
+    per_product, per_user = tally(shoppers, kept)
     stocks = dict(zip(target.product_ids, scenario.stocks, strict=True))
     return judge(stocks, counts, per_product, per_user, scenario.per_user_limit, unreadable,
                  load.errors_5xx, allow_5xx=scenario.crash)
@@ -151,6 +160,8 @@ def replay_problems(dsn: str, env: dict[str, str]) -> list[str]:
 async def engine_side(params: Params, scenario: Scenario, dsn: str, env: dict[str, str],
                       tokens: Tokens, workdir: Path) -> Side:
     port = free_port()
+    if scenario.pay_fraction:
+        env = {**env, "FLASHSALE_HOLD_TTL_S": str(FLOW_HOLD_TTL_S[params.quick])}
     engine = Process([sys.executable, "-m", "flashsale.cli", "serve", "--port", str(port)],
                      {**env, "FLASHSALE_DATABASE_URL": dsn,
                       "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
@@ -167,12 +178,44 @@ async def engine_side(params: Params, scenario: Scenario, dsn: str, env: dict[st
 
         target = Target("engine", url, product_ids, kill_hot_actor if scenario.crash else None)
         shoppers, load = await drive(target, scenario, params, tokens)
-        verdict = await audit(target, scenario, shoppers, load)
+        paid = None
+        if scenario.pay_fraction:
+            paid = await pay_and_let_expire(url, scenario, load, env, product_ids)
+        verdict = await audit(target, scenario, shoppers, load, paid)
     finally:
         engine.stop()
     verdict.problems += replay_problems(dsn, env)
     verdict.ok = not verdict.problems
     return Side(load, verdict)
+
+
+async def pay_and_let_expire(url: str, scenario: Scenario, load: LoadResult,
+                             env: dict[str, str], product_ids: list[str]) -> set[str]:
+    """Pay a share of the orders through signed sandbox webhooks, as the checkout page's Pay
+    button does, then wait until every other hold has lapsed and its units are back."""
+    gateway = SandboxGateway(env["FLASHSALE_SANDBOX_WEBHOOK_SECRET"], f"{url}/webhooks/sandbox")
+    to_pay = load.created[: int(len(load.created) * scenario.pay_fraction)]
+    say(f"  engine: paying {len(to_pay):,} of {len(load.created):,} orders, the rest expire")
+    async with aiohttp.ClientSession() as session:
+        for created in to_pay:
+            body = gateway.event(EventKind.CAPTURED, created.order_id,
+                                 f"pay_{created.order_id[-12:]}", PRICE_MINOR, "INR")
+            async with session.post(gateway.webhook_url, data=body, headers={
+                SIGNATURE_HEADER: gateway.sign(body), "Content-Type": "application/json",
+            }) as reply:
+                if reply.status != 200:
+                    raise RuntimeError(f"the engine refused a payment: {await reply.text()}")
+        deadline = time.monotonic() + FLOW_HOLD_TTL_S[False] + 30
+        while time.monotonic() < deadline:
+            reserved = 0
+            for product_id in product_ids:
+                async with session.get(f"{url}/products/{product_id}") as reply:
+                    reserved += (await reply.json())["reserved"]
+            if reserved == 0:
+                break
+            await asyncio.sleep(0.5)
+    say("  engine: every unpaid hold has lapsed")
+    return {created.order_id for created in to_pay}
 
 
 async def create_engine_products(url: str, scenario: Scenario) -> list[str]:
@@ -184,7 +227,7 @@ async def create_engine_products(url: str, scenario: Scenario) -> list[str]:
         for number, stock in enumerate(scenario.stocks):
             async with session.post(f"{url}/products", headers={
                 "Authorization": f"Bearer {token}"}, json={
-                "name": f"{scenario.name} sale {number}", "price": 49_900, "stock": stock,
+                "name": f"{scenario.name} sale {number}", "price": PRICE_MINOR, "stock": stock,
                 "per_user_limit": scenario.per_user_limit,
                 "sale_starts_at": (now - dt.timedelta(minutes=1)).isoformat(),
                 "sale_ends_at": (now + dt.timedelta(hours=2)).isoformat()}) as reply:
@@ -225,6 +268,7 @@ async def measure(params: Params, server: EmbeddedPostgres, workdir: Path) -> di
     scenario = build(params.scenario, params.shoppers, params.stock, params.quick)
     secret = secrets.token_urlsafe(48)
     env = {**os.environ, "FLASHSALE_JWT_SECRET": secret, "FLASHSALE_BCRYPT_ROUNDS": "4",
+           "FLASHSALE_SANDBOX_WEBHOOK_SECRET": secrets.token_urlsafe(32),
            "FLASHSALE_ADMIN_EMAIL": ADMIN["email"], "FLASHSALE_ADMIN_PASSWORD": ADMIN["password"]}
     admin = await asyncpg.connect(server.dsn())
     try:

@@ -13,11 +13,14 @@ class Scenario(NamedTuple):
     per_user_limit: int
     shopper_products: list[int]  # the product index each shopper tries to buy
     crash: bool = False
+    pay_fraction: float = 0.0  # flow: this share of the orders is paid, the rest must expire
 
 
 def build(name: str, shoppers: int, stock: int, quick: bool) -> Scenario:
     if name in ("hot", "crash"):
         return Scenario(name, [stock], 1, [0] * shoppers, crash=name == "crash")
+    if name == "flow":
+        return Scenario(name, [stock], 1, [0] * shoppers, pay_fraction=0.5)
     if name == "wide":
         count = WIDE_PRODUCTS_QUICK if quick else WIDE_PRODUCTS
         stocks = [max(1, stock // count)] * count

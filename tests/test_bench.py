@@ -50,6 +50,7 @@ def test_scenarios_have_the_promised_shape() -> None:
     hot = build("hot", shoppers=2_000, stock=200, quick=True)
     assert hot.stocks == [200] and len(hot.shopper_products) == 2_000 and not hot.crash
     assert build("crash", 2_000, 200, quick=True).crash
+    assert build("flow", 2_000, 200, quick=True).pay_fraction == 0.5
     wide = build("wide", shoppers=10_000, stock=1_000, quick=False)
     assert len(wide.stocks) == 100 and sum(wide.stocks) == 1_000
     popularity = Counter(wide.shopper_products)
