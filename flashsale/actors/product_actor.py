@@ -41,7 +41,7 @@ class ProductUnavailable(Exception):
 class ActorConfig(msgspec.Struct, frozen=True):
     dsn: str
     policy: Policy = Policy()
-    snapshot_every_events: int = 100_000
+    snapshot_every_events: int = 100_000  # at least; more once the state is larger
     queue_depth_max: int = QUEUE_DEPTH_MAX
 
 
@@ -143,8 +143,12 @@ class ProductActor:
         return replies
 
     def _maybe_snapshot(self, new_events: int) -> tuple[int, bytes] | None:
+        """A snapshot costs time in proportion to the state, so one is taken only after at least
+        as many events as the state holds orders: a constant cost per event, and recovery never
+        replays much more than one state's worth of events."""
         self._events_since_snapshot += new_events
-        if self._events_since_snapshot < self._config.snapshot_every_events:
+        due_after = max(self._config.snapshot_every_events, len(self._state.orders))
+        if self._events_since_snapshot < due_after:
             return None
         self._events_since_snapshot = 0
         return self._state.last_seq, encode_state(self._state)
