@@ -86,7 +86,10 @@ def stored_secret(data_dir: Path, name: str) -> str:
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     value = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process generated it first: use theirs
+        return path.read_text().strip()
     with os.fdopen(fd, "w") as handle:
         handle.write(value)
     return value

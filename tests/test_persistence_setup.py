@@ -6,7 +6,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from flashsale.config import ConfigError, load_settings
+from flashsale.config import ConfigError, load_settings, stored_secret
 from flashsale.persistence.database import open_database
 from flashsale.persistence.migrate import migrate, migration_files
 
@@ -94,3 +94,9 @@ def test_bad_configuration_is_refused_with_a_clear_message(env: dict[str, str],
 def test_flags_override_the_environment() -> None:
     settings = load_settings(env={"FLASHSALE_DATA_DIR": "/env"}, data_dir="/flag", port=9000)
     assert settings.data_dir == Path("/flag") and settings.base_url == "http://127.0.0.1:9000"
+
+
+def test_generated_secrets_are_kept_private_and_reused(tmp_path: Path) -> None:
+    first = stored_secret(tmp_path, "jwt_secret")
+    assert stored_secret(tmp_path, "jwt_secret") == first and len(first) >= 48
+    assert (tmp_path / "secrets" / "jwt_secret").stat().st_mode & 0o777 == 0o600

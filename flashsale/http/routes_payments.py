@@ -47,12 +47,13 @@ async def pay(request: web.Request) -> web.StreamResponse:
         return web.Response(text=settled_page(order_id, order["status"]),
                             content_type="text/html")
     provider = engine.payments
+    return_url = f"{engine.base_url}{request.path_qs}"  # public, as FLASHSALE_PUBLIC_URL says
     payment = PaymentOrder(order_id, order["quantity"] * order["unit_price_minor"],
                            order["currency"].strip(), order["expires_at_ms"])
     session = await payment_session(engine.db, order_id)
     if session is None:
         try:
-            checkout = await provider.start_checkout(payment, return_url=str(request.url))
+            checkout = await provider.start_checkout(payment, return_url)
         except GatewayError as error:
             raise ApiError("unavailable", f"the payment gateway did not answer: {error}") from None
         session = await keep_payment_session(engine.db, order_id, provider.name,
@@ -60,7 +61,7 @@ async def pay(request: web.Request) -> web.StreamResponse:
     if session["checkout_url"]:
         raise web.HTTPSeeOther(session["checkout_url"])
     page = checkout_page(provider, payment, session["session_id"], order["quantity"],
-                         rfc3339_ms(order["expires_at_ms"]), str(request.url))
+                         rfc3339_ms(order["expires_at_ms"]), return_url)
     return web.Response(text=page, content_type="text/html")
 
 
