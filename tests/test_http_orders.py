@@ -1,10 +1,12 @@
 """Products and orders over real HTTP: every rule, every error code, the races."""
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
 import pytest
+import ray
 from helpers import CANCEL_WINDOW_MS, Api
 
 from flashsale.actors.messages import CapturePayment
@@ -225,3 +227,15 @@ async def test_cancel_rules(api: Api) -> None:
     await asyncio.sleep(CANCEL_WINDOW_MS / 1000 + 0.2)
     status, body, _ = await api.call("POST", f"/orders/{late['order_id']}/cancel", token, {})
     assert (status, body["code"]) == (409, "cancellation_window_closed")
+
+
+async def test_an_unreachable_product_is_a_fast_503_with_retry_after(api: Api) -> None:
+    product_id = await api.sale(stock=5)
+    _, token = await api.register()
+    ray.kill(api.engine.router.actor(product_id), no_restart=True)
+    started = time.monotonic()
+    status, body, headers = await api.call(
+        "POST", "/orders", token, {"product_id": product_id, "quantity": 1},
+        {"X-Idempotency-Key": "while-down"})
+    assert (status, body["code"], headers["Retry-After"]) == (503, "unavailable", "1")
+    assert time.monotonic() - started < 5  # refused at once, not after a wait

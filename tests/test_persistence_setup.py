@@ -8,6 +8,7 @@ import pytest
 
 from flashsale.config import ConfigError, load_settings, stored_secret
 from flashsale.persistence.database import open_database
+from flashsale.persistence.embedded import MAX_CONNECTIONS
 from flashsale.persistence.migrate import migrate, migration_files
 
 
@@ -61,6 +62,8 @@ async def test_embedded_database_keeps_its_data_across_restarts(tmp_path: Path) 
     try:
         conn = await asyncpg.connect(database.dsn)
         assert await conn.fetchval("SELECT name FROM products") == "Phone"
+        # One connection per live sale's actor: room for many more than PostgreSQL's 100.
+        assert int(await conn.fetchval("SHOW max_connections")) == MAX_CONNECTIONS
         assert await conn.fetchval("SELECT count(*) FROM schema_version") == len(
             migration_files())
         await conn.close()

