@@ -3,6 +3,7 @@
 import msgspec
 import pytest
 
+from flashsale.actors.invariants import check_invariants
 from flashsale.actors.messages import (
     CancelOrder,
     CapturePayment,
@@ -26,7 +27,6 @@ from flashsale.actors.product import (
     ProductState,
     RefundStatus,
     Reply,
-    check_invariants,
     execute,
 )
 

@@ -10,6 +10,7 @@ from collections import Counter
 import msgspec
 import pytest
 
+from flashsale.actors.invariants import check_invariants
 from flashsale.actors.messages import (
     CancelOrder,
     CapturePayment,
@@ -31,7 +32,6 @@ from flashsale.actors.product import (
     Policy,
     ProductState,
     apply,
-    check_invariants,
     execute,
 )
 

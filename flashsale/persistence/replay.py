@@ -10,8 +10,9 @@ from typing import NamedTuple
 import asyncpg
 import msgspec
 
+from flashsale.actors.invariants import check_invariants
 from flashsale.actors.messages import Event
-from flashsale.actors.product import ProductState, apply, check_invariants
+from flashsale.actors.product import ProductState, apply
 from flashsale.persistence.frames import CorruptRecord, unframe
 
 log = logging.getLogger(__name__)
