@@ -34,6 +34,7 @@ from flashsale.persistence.embedded import EmbeddedPostgres
 
 ADMIN = {"email": "bench-admin@example.com", "password": "bench-admin-1"}
 PRICE_MINOR = 49_900
+SALES_CREATED_AT_ONCE = 10
 START_TIMEOUT_S = 120
 CACHE_SETTLE_S = 1.2  # engine product reads lag the actors by at most a second
 CRASH_AFTER_FRACTION = 0.3
@@ -220,12 +221,13 @@ async def pay_and_let_expire(url: str, scenario: Scenario, load: LoadResult,
 
 async def create_engine_products(url: str, scenario: Scenario) -> list[str]:
     now = dt.datetime.now(dt.UTC)
+    gate = asyncio.Semaphore(SALES_CREATED_AT_ONCE)
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{url}/auth/login", json=ADMIN) as reply:
             token = (await reply.json())["access_token"]
-        ids = []
-        for number, stock in enumerate(scenario.stocks):
-            async with session.post(f"{url}/products", headers={
+
+        async def create(number: int, stock: int) -> str:
+            async with gate, session.post(f"{url}/products", headers={
                 "Authorization": f"Bearer {token}"}, json={
                 "name": f"{scenario.name} sale {number}", "price": PRICE_MINOR, "stock": stock,
                 "per_user_limit": scenario.per_user_limit,
@@ -234,8 +236,11 @@ async def create_engine_products(url: str, scenario: Scenario) -> list[str]:
                 body = await reply.json()
                 if reply.status != 201:
                     raise RuntimeError(f"the engine refused a sale: {body}")
-                ids.append(body["id"])
-    return ids
+                return str(body["id"])
+
+        ids = await asyncio.gather(*(create(n, stock) for n, stock in enumerate(scenario.stocks)))
+    say(f"engine: {len(ids)} sale(s) live")
+    return list(ids)
 
 
 async def baseline_side(params: Params, scenario: Scenario, dsn: str, env: dict[str, str],

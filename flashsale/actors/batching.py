@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import ray
 from ray.actor import ActorHandle
 
-from flashsale.actors.messages import Command, Rejection
+from flashsale.actors.messages import Command, DefineProduct, Rejection
 from flashsale.actors.product import Reply
 from flashsale.actors.product_actor import ActorConfig, ProductCounts, ProductUnavailable, send
 from flashsale.actors.registry import product_actor
@@ -23,6 +23,8 @@ BATCH_SIZE_MAX = 1_000
 QUEUE_DEPTH_MAX = 10_000
 CALLS_IN_FLIGHT_MAX = 4
 CALL_TIMEOUT_S = 5.0
+# Defining a sale starts its actor: a new worker process, slow on a busy machine.
+ACTOR_START_TIMEOUT_S = 60.0
 
 # Refuses some commands before they reach the actor (None: let the actor decide).
 Screen = Callable[[str, list[Command]], Awaitable[list[Rejection | None]]]
@@ -104,6 +106,15 @@ class ProductRouter:
             batcher = ProductBatcher(product_id, self.actor(product_id), self._screen)
             self._batchers[product_id] = batcher
         return await batcher.submit(cmd)
+
+    async def define(self, product_id: str, cmd: DefineProduct) -> Reply:
+        """Define a sale on its (new) actor: not on the order path, so it waits for start-up."""
+        try:
+            [reply] = await asyncio.wait_for(send(self.actor(product_id), [cmd]),
+                                             ACTOR_START_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError) as error:
+            raise ProductUnavailable(f"product {product_id}: {type(error).__name__}") from None
+        return reply
 
     async def counts(self, product_id: str) -> ProductCounts:
         try:

@@ -58,7 +58,7 @@ class Catalogue:
     async def define(self, row: ProductRow) -> ProductView:
         """Make the sale's actor exist and know its terms (idempotent), then show it."""
         self._rows[row.id] = row
-        await self._router.submit(row.id, DefineProduct(row.terms, row.initial_stock))
+        await self._router.define(row.id, DefineProduct(row.terms, row.initial_stock))
         self._counts[row.id] = await self._router.counts(row.id)
         return self.view(row)
 
