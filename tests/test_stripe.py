@@ -56,12 +56,19 @@ def paid_session(session: dict[str, Any]) -> dict[str, Any]:
     return {**session, "status": "complete", "payment_status": "paid"}
 
 
-async def confirmed_order(api: Api, stub: StripeStub) -> tuple[str, dict[str, Any], str]:
-    product_id = await api.sale(stock=5)
+async def opened_checkout(api: Api, stub: StripeStub,
+                          stock: int = 5) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A shopper's pending order whose payment link was opened: (token, order, session)."""
+    product_id = await api.sale(stock=stock)
     _, token = await api.register()
     _, placed = await api.order(token, product_id)
     await visit(api, placed["payment_url"])
-    [session] = stub.sessions.values()
+    session = stub.sessions[f"checkout-{placed['order_id']}"]
+    return token, placed, session
+
+
+async def confirmed_order(api: Api, stub: StripeStub) -> tuple[str, dict[str, Any], str]:
+    token, placed, session = await opened_checkout(api, stub)
     assert (await deliver(api, event("checkout.session.completed",
                                      paid_session(session))))[0] == 200
     return token, placed, session["payment_intent"]
@@ -113,11 +120,7 @@ async def test_an_unpaid_or_mismatched_session_confirms_nothing(
     make_api: Any, stub: StripeStub
 ) -> None:
     api = await stripe_api(make_api, stub)
-    product_id = await api.sale(stock=5)
-    _, token = await api.register()
-    _, placed = await api.order(token, product_id)
-    await visit(api, placed["payment_url"])
-    [session] = stub.sessions.values()
+    token, placed, session = await opened_checkout(api, stub)
     unpaid = {**session, "status": "complete", "payment_status": "unpaid"}
     cheaper = {**paid_session(session), "amount_total": PRICE - 100}
     for obj in (unpaid, cheaper):
@@ -159,11 +162,7 @@ async def test_a_refund_survives_gateway_errors_and_a_lost_response(
 async def test_a_session_is_closed_once_the_hold_lapses(make_api: Any,
                                                         stub: StripeStub) -> None:
     api = await stripe_api(make_api, stub, hold_ttl_ms=1_000)
-    product_id = await api.sale(stock=5)
-    _, token = await api.register()
-    _, placed = await api.order(token, product_id)
-    await visit(api, placed["payment_url"])
-    [session] = stub.sessions.values()
+    token, placed, session = await opened_checkout(api, stub)
     for _ in range(100):
         if session["id"] in stub.expired:
             break
@@ -178,14 +177,10 @@ async def test_a_session_is_closed_once_the_hold_lapses(make_api: Any,
 async def test_a_failed_or_expired_session_fails_the_order(make_api: Any, stub: StripeStub,
                                                            kind: str) -> None:
     api = await stripe_api(make_api, stub)
-    product_id = await api.sale(stock=1)
-    _, token = await api.register()
-    _, placed = await api.order(token, product_id)
-    await visit(api, placed["payment_url"])
-    [session] = stub.sessions.values()
+    token, placed, session = await opened_checkout(api, stub, stock=1)
     status, reply = await deliver(api, event(kind, {**session, "payment_status": "unpaid"}))
     assert (status, reply["status"]) == (200, "processed")
     _, order, _ = await api.call("GET", f"/orders/{placed['order_id']}", token)
     assert order["status"] == "failed"
     _, other = await api.register()
-    assert (await api.order(other, product_id))[0] == 201  # the unit came back
+    assert (await api.order(other, order["product_id"]))[0] == 201  # the unit came back
