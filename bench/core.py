@@ -25,7 +25,7 @@ from flashsale.actors.messages import DefineProduct, PlaceOrder, ProductTerms
 from flashsale.actors.product import OrderRecord, Policy
 from flashsale.actors.product_actor import (
     ActorConfig,
-    decode_replies,
+    decode_decided,
     encode_commands,
     now_ms,
     send,
@@ -73,7 +73,7 @@ async def reserve(actor: ray.actor.ActorHandle, reservations: int) -> float:
     async def one(blob: bytes) -> None:
         nonlocal done
         async with gate:
-            replies = decode_replies(await actor.handle.remote(blob))
+            replies = decode_decided(await actor.handle.remote(blob)).replies
         if len(replies) != BATCH_SIZE or not all(isinstance(r, OrderRecord) for r in replies):
             raise RuntimeError("a reservation was refused or lost")
         done += 1

@@ -14,7 +14,13 @@ from ray.actor import ActorHandle
 
 from flashsale.actors.messages import Command, DefineProduct, Rejection
 from flashsale.actors.product import Reply
-from flashsale.actors.product_actor import ActorConfig, ProductCounts, ProductUnavailable, send
+from flashsale.actors.product_actor import (
+    ActorConfig,
+    ProductCounts,
+    ProductUnavailable,
+    send,
+    send_batch,
+)
 from flashsale.actors.registry import product_actor
 
 log = logging.getLogger(__name__)
@@ -28,13 +34,17 @@ ACTOR_START_TIMEOUT_S = 60.0
 
 # Refuses some commands before they reach the actor (None: let the actor decide).
 Screen = Callable[[str, list[Command]], Awaitable[list[Rejection | None]]]
+# Hears each product's counts as they come back with its batches.
+CountsListener = Callable[[str, ProductCounts], None]
 
 
 class ProductBatcher:
-    def __init__(self, product_id: str, actor: ActorHandle, screen: Screen | None) -> None:
+    def __init__(self, product_id: str, actor: ActorHandle, screen: Screen | None,
+                 on_counts: CountsListener) -> None:
         self._product_id = product_id
         self._actor = actor
         self._screen = screen
+        self._on_counts = on_counts
         self._waiting: list[tuple[Command, asyncio.Future[Reply]]] = []
         self._in_flight = 0
         self._kick_scheduled = False
@@ -66,10 +76,11 @@ class ProductBatcher:
             to_send = [i for i in range(len(batch)) if not screened or screened[i] is None]
             replies: list[Reply] = list(screened) if screened else [None] * len(batch)
             if to_send:
-                decided = await asyncio.wait_for(send(self._actor, [commands[i] for i in to_send]),
-                                                 CALL_TIMEOUT_S)
-                for i, reply in zip(to_send, decided, strict=True):
+                decided = await asyncio.wait_for(
+                    send_batch(self._actor, [commands[i] for i in to_send]), CALL_TIMEOUT_S)
+                for i, reply in zip(to_send, decided.replies, strict=True):
                     replies[i] = reply
+                self._on_counts(self._product_id, decided.counts)
             for (_, future), reply in zip(batch, replies, strict=True):
                 if not future.done():
                     future.set_result(reply)
@@ -92,6 +103,7 @@ class ProductRouter:
     def __init__(self, config: ActorConfig, screen: Screen | None = None) -> None:
         self._config = config
         self._screen = screen
+        self.on_counts: CountsListener = lambda product_id, counts: None
         self._batchers: dict[str, ProductBatcher] = {}
         self._actors: dict[str, ActorHandle] = {}
 
@@ -103,7 +115,8 @@ class ProductRouter:
     async def submit(self, product_id: str, cmd: Command) -> Reply:
         batcher = self._batchers.get(product_id)
         if batcher is None:
-            batcher = ProductBatcher(product_id, self.actor(product_id), self._screen)
+            batcher = ProductBatcher(product_id, self.actor(product_id), self._screen,
+                                     lambda pid, counts: self.on_counts(pid, counts))
             self._batchers[product_id] = batcher
         return await batcher.submit(cmd)
 

@@ -29,8 +29,7 @@ CONNECT_TIMEOUT_S = 5.0
 
 _commands_encoder = msgspec.msgpack.Encoder()
 _commands_decoder = msgspec.msgpack.Decoder(list[Command])
-_replies_encoder = msgspec.msgpack.Encoder()
-_replies_decoder = msgspec.msgpack.Decoder(list[Reply])
+_decided_encoder = msgspec.msgpack.Encoder()
 
 
 class ProductUnavailable(Exception):
@@ -57,13 +56,27 @@ def encode_commands(commands: list[Command]) -> bytes:
     return _commands_encoder.encode(commands)
 
 
-def decode_replies(blob: bytes) -> list[Reply]:
-    return _replies_decoder.decode(blob)
+class Decided(msgspec.Struct, array_like=True):
+    """A batch's replies, in order, and the product's counts right after it."""
+
+    replies: list[Reply]
+    counts: ProductCounts
+
+
+_decided_decoder = msgspec.msgpack.Decoder(Decided)
+
+
+def decode_decided(blob: bytes) -> Decided:
+    return _decided_decoder.decode(blob)
+
+
+async def send_batch(actor: ActorHandle, commands: list[Command]) -> Decided:
+    """One actor call for a batch of commands; raises ProductUnavailable if none was decided."""
+    return decode_decided(await actor.handle.remote(encode_commands(commands)))
 
 
 async def send(actor: ActorHandle, commands: list[Command]) -> list[Reply]:
-    """One actor call for a batch of commands; raises ProductUnavailable if none was decided."""
-    return decode_replies(await actor.handle.remote(encode_commands(commands)))
+    return (await send_batch(actor, commands)).replies
 
 
 def now_ms() -> int:
@@ -98,12 +111,16 @@ class ProductActor:
         self._timer = loop.create_task(self._expire_holds_forever())
 
     async def handle(self, blob: bytes) -> bytes:
-        """Decide a batch of encoded commands; returns their encoded replies, in order."""
+        """Decide a batch of encoded commands; returns their encoded replies, in order, with
+        the counts after them (front ends keep their product caches fresh from these)."""
         replies = await self._decide_durably(_commands_decoder.decode(blob))
-        return _replies_encoder.encode(replies)
+        return _decided_encoder.encode(Decided(replies, self._counts()))
 
     async def counts(self) -> ProductCounts:
         await self._ready()
+        return self._counts()
+
+    def _counts(self) -> ProductCounts:
         s = self._state
         return ProductCounts(s.stock, s.available, s.reserved, s.sold, s.last_seq)
 

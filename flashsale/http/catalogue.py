@@ -1,10 +1,12 @@
 """The front end's view of the sales: catalogue rows from PostgreSQL, live counts from the
-product actors, refreshed in the background so a product read costs no Ray call (≤ 1 s stale)."""
+product actors, so a product read costs no Ray call (≤ 1 s stale). Counts arrive with every
+batch a sale's actor answers; a sale that has been quiet for a while is asked directly."""
 
 import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 
 import asyncpg
 
@@ -33,7 +35,9 @@ class Catalogue:
         self._router = router
         self._rows: dict[str, ProductRow] = {}
         self._counts: dict[str, ProductCounts] = {}
+        self._heard_at: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
+        router.on_counts = self._hear
 
     async def start(self) -> None:
         await self._reload_rows()
@@ -59,11 +63,15 @@ class Catalogue:
         """Make the sale's actor exist and know its terms (idempotent), then show it."""
         self._rows[row.id] = row
         await self._router.define(row.id, DefineProduct(row.terms, row.initial_stock))
-        self._counts[row.id] = await self._router.counts(row.id)
+        await self.refresh(row.id)
         return self.view(row)
 
     async def refresh(self, product_id: str) -> None:
-        self._counts[product_id] = await self._router.counts(product_id)
+        self._hear(product_id, await self._router.counts(product_id))
+
+    def _hear(self, product_id: str, counts: ProductCounts) -> None:
+        self._counts[product_id] = counts
+        self._heard_at[product_id] = time.monotonic()
 
     def view(self, row: ProductRow) -> ProductView:
         counts = self._counts.get(row.id)
@@ -97,7 +105,9 @@ class Catalogue:
         self._rows.update({row.id: row for row in await all_products(self._db)})
 
     async def _refresh_counts(self) -> None:
-        rows = list(self._rows.values())
+        quiet_since = time.monotonic() - COUNTS_REFRESH_S
+        rows = [row for row in self._rows.values()
+                if self._heard_at.get(row.id, 0.0) <= quiet_since]
         results = await asyncio.gather(*(self._router.counts(row.id) for row in rows),
                                        return_exceptions=True)
         for row, counts in zip(rows, results, strict=True):
@@ -109,4 +119,4 @@ class Catalogue:
                 with contextlib.suppress(ProductUnavailable):
                     await self.define(row)
                 continue
-            self._counts[row.id] = counts
+            self._hear(row.id, counts)
