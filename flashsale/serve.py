@@ -28,15 +28,21 @@ from flashsale.persistence.users import create_user, ensure_admin
 DEMO_ADMIN_EMAIL = "admin@flashsale.example"
 
 
-class _NoSigtermNotice(logging.Filter):
+class _DropRayNotices(logging.Filter):
+    """Ray's start-up notices that are expected here and only alarm an operator."""
+
+    NOTICES = ("SIGTERM handler is not set", "Token authentication is enabled")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "SIGTERM handler is not set" not in record.getMessage()
+        return not any(notice in record.getMessage() for notice in self.NOTICES)
 
 
 def start_ray(address: str | None) -> None:
     """Started off the main thread on purpose: on it, ray.init installs a SIGTERM handler that
     exits at once, racing ours (which stops the server cleanly). Ray notes that; we drop it."""
-    logging.getLogger("ray._private.worker").addFilter(_NoSigtermNotice())
+    for name in ("ray._private.worker",
+                 "ray._private.authentication.authentication_token_setup"):
+        logging.getLogger(name).addFilter(_DropRayNotices())
     # "local" always starts a new instance: never join a Ray that happens to run here.
     ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False,
              log_to_driver=False, logging_level=logging.WARNING)
