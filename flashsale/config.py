@@ -1,8 +1,10 @@
 """Settings from the environment (SPEC §3); command-line flags override them."""
 
 import os
+import re
 import secrets
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
@@ -11,6 +13,38 @@ PROVIDERS = ("sandbox", "stripe", "razorpay")
 
 class ConfigError(Exception):
     """Bad configuration: reported as one line, never as a traceback."""
+
+
+class Limit(NamedTuple):
+    requests: int
+    window_s: int
+
+
+DEFAULT_LIMITS = {
+    "ip": Limit(100, 60),  # every route, per client address
+    "order": Limit(10, 60),  # POST /orders, per user
+    "login": Limit(10, 60),  # per client address
+    "register": Limit(5, 60),  # per client address
+    "refresh": Limit(30, 60),  # per user
+}
+_RULE = re.compile(r"^(\w+)=(\d+)/(\d+)$")
+
+
+def parse_limits(text: str | None) -> dict[str, Limit] | None:
+    """FLASHSALE_RATE_LIMITS: unset for the defaults, `off`, or `ip=100/60,order=10/60,…`."""
+    if not text:
+        return dict(DEFAULT_LIMITS)
+    if text.strip() == "off":
+        return None
+    limits = dict(DEFAULT_LIMITS)
+    for rule in text.split(","):
+        match = _RULE.match(rule.strip())
+        if match is None or match[1] not in DEFAULT_LIMITS or int(match[3]) < 1:
+            raise ConfigError(f"FLASHSALE_RATE_LIMITS: cannot read {rule.strip()!r}; expected "
+                              f"off, or NAME=COUNT/SECONDS with NAME one of "
+                              f"{', '.join(DEFAULT_LIMITS)}")
+        limits[match[1]] = Limit(int(match[2]), int(match[3]))
+    return limits
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -24,6 +58,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cancel_window_s: int = 86_400
     payment_provider: str = "sandbox"
     public_url: str | None = None
+    rate_limits: dict[str, Limit] | None = msgspec.field(default_factory=lambda: dict(
+        DEFAULT_LIMITS))
 
     @property
     def base_url(self) -> str:
@@ -69,6 +105,7 @@ def load_settings(env: dict[str, str] | None = None, **flags: object) -> Setting
         "cancel_window_s": _int(env, "FLASHSALE_CANCEL_WINDOW_S", 86_400, 0, 365 * 86_400),
         "payment_provider": provider,
         "public_url": env.get("FLASHSALE_PUBLIC_URL") or None,
+        "rate_limits": parse_limits(env.get("FLASHSALE_RATE_LIMITS")),
     }
     values.update({name: value for name, value in flags.items() if value is not None})
     if isinstance(values["data_dir"], str):

@@ -129,7 +129,7 @@ async def serve(settings: Settings, demo: bool) -> None:
                         cancel_window_ms=settings.cancel_window_s * 1000)
         engine = await start_engine(database.dsn, ActorConfig(database.dsn, policy), secret,
                                     settings.bcrypt_rounds, settings.base_url,
-                                    payment_provider(settings))
+                                    payment_provider(settings), settings.rate_limits)
         runner = web.AppRunner(create_app(engine), access_log=None)
         try:
             await _bootstrap_admin(engine)

@@ -18,6 +18,7 @@ from flashsale.actors.messages import DefineProduct, ProductTerms
 from flashsale.actors.product import Policy
 from flashsale.actors.product_actor import ActorConfig, send
 from flashsale.actors.registry import product_actor
+from flashsale.config import Limit
 from flashsale.http.app import create_app
 from flashsale.http.engine import Engine, start_engine
 from flashsale.payments.provider import PaymentProvider
@@ -111,7 +112,8 @@ async def make_api(ray_session: None, database_dsn: str) -> AsyncIterator[ApiFac
     running: list[tuple[TestServer, aiohttp.ClientSession, Engine]] = []
 
     async def make(payments: Callable[[str], PaymentProvider] | None = None,
-                   hold_ttl_ms: int = HOLD_TTL_MS) -> Api:
+                   hold_ttl_ms: int = HOLD_TTL_MS,
+                   rate_limits: dict[str, Limit] | None = None) -> Api:
         config = ActorConfig(database_dsn, Policy(hold_ttl_ms=hold_ttl_ms,
                                                   cancel_window_ms=CANCEL_WINDOW_MS))
         port = free_port()
@@ -120,7 +122,7 @@ async def make_api(ray_session: None, database_dsn: str) -> AsyncIterator[ApiFac
                    SandboxGateway(SANDBOX_SECRET, f"{base_url}/webhooks/sandbox"))
         engine = await start_engine(database_dsn, config, JWT_SECRET, bcrypt_rounds=4,
                                     base_url=base_url, payments=gateway,
-                                    deactivated_refresh_s=0.2)
+                                    rate_limits=rate_limits, deactivated_refresh_s=0.2)
         server = TestServer(create_app(engine), host="127.0.0.1", port=port)
         await server.start_server()
         session = aiohttp.ClientSession(base_url=base_url)

@@ -5,10 +5,12 @@ import asyncio
 import asyncpg
 import ray
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from flashsale.http import routes_auth, routes_orders, routes_payments, routes_products
 from flashsale.http.engine import ENGINE, Engine
 from flashsale.http.problems import problem, problem_middleware
+from flashsale.http.ratelimit import rate_limit_middleware
 from flashsale.http.schemas import json_response
 
 BODY_BYTES_MAX = 64 * 1024
@@ -28,7 +30,10 @@ async def health(request: web.Request) -> web.Response:
 
 
 def create_app(engine: Engine) -> web.Application:
-    app = web.Application(middlewares=[problem_middleware], client_max_size=BODY_BYTES_MAX)
+    middlewares: list[Middleware] = [problem_middleware]
+    if engine.limiter is not None:
+        middlewares.append(rate_limit_middleware(engine.limiter))
+    app = web.Application(middlewares=middlewares, client_max_size=BODY_BYTES_MAX)
     app[ENGINE] = engine
     app.router.add_get("/health", health)
     app.router.add_post("/auth/register", routes_auth.register)

@@ -6,6 +6,7 @@ from aiohttp import web
 from flashsale.actors.batching import ProductRouter
 from flashsale.actors.messages import Command, PlaceOrder, Rejection
 from flashsale.actors.product_actor import ActorConfig
+from flashsale.config import Limit
 from flashsale.http.auth import (
     DEACTIVATED_REFRESH_S,
     DeactivatedUsers,
@@ -15,6 +16,7 @@ from flashsale.http.auth import (
 )
 from flashsale.http.catalogue import Catalogue
 from flashsale.http.problems import ApiError
+from flashsale.http.ratelimit import RateLimiter
 from flashsale.payments.provider import PaymentProvider
 from flashsale.payments.worker import PaymentWorker
 from flashsale.persistence.orders import keys_used_elsewhere
@@ -25,8 +27,10 @@ POOL_SIZE_MAX = 10
 class Engine:
     def __init__(self, db: asyncpg.Pool, actor_config: ActorConfig, jwt_secret: str,
                  bcrypt_rounds: int, base_url: str, payments: PaymentProvider,
+                 rate_limits: dict[str, Limit] | None,
                  deactivated_refresh_s: float = DEACTIVATED_REFRESH_S) -> None:
         self.db = db
+        self.limiter = RateLimiter(rate_limits) if rate_limits else None
         self.payments = payments
         self.payment_worker = PaymentWorker(db, payments)
         self.router = ProductRouter(actor_config, screen=self._refuse_keys_used_elsewhere)
@@ -38,6 +42,11 @@ class Engine:
 
     def user(self, request: web.Request) -> str:
         return bearer_user(request, self.tokens, self.deactivated)
+
+    def limit(self, kind: str, key: str) -> None:
+        """A 429 once `key` has spent its `kind` limit (no-op with limits off)."""
+        if self.limiter is not None:
+            self.limiter.check(kind, key)
 
     async def admin(self, request: web.Request) -> str:
         user_id = self.user(request)
@@ -80,10 +89,11 @@ class Engine:
 
 async def start_engine(dsn: str, actor_config: ActorConfig, jwt_secret: str, bcrypt_rounds: int,
                        base_url: str, payments: PaymentProvider,
+                       rate_limits: dict[str, Limit] | None,
                        deactivated_refresh_s: float = DEACTIVATED_REFRESH_S) -> Engine:
     db = await asyncpg.create_pool(dsn, min_size=1, max_size=POOL_SIZE_MAX)
     engine = Engine(db, actor_config, jwt_secret, bcrypt_rounds, base_url, payments,
-                    deactivated_refresh_s)
+                    rate_limits, deactivated_refresh_s)
     await engine.start()
     return engine
 

@@ -67,6 +67,9 @@ async def login(request: web.Request) -> web.Response:
 async def refresh(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     body = await read_body(request, RefreshRequest)
+    owner = await users.refresh_token_owner(engine.db, body.refresh_token)
+    if owner is not None:
+        engine.limit("refresh", owner)
     user_id = await users.use_refresh_token(engine.db, body.refresh_token)
     if user_id is None:
         raise ApiError("invalid_token", "the refresh token is unknown, used or expired")

@@ -71,12 +71,25 @@ async def issue_refresh_token(db: asyncpg.Pool | asyncpg.Connection, user_id: st
     return f"{token_id}.{secret}"
 
 
+def _token_id(token: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(token.partition(".")[0])
+    except ValueError:
+        return None
+
+
+async def refresh_token_owner(db: asyncpg.Pool, token: str) -> str | None:
+    """Whose token this claims to be (not yet proof: `use_refresh_token` checks the secret)."""
+    token_id = _token_id(token)
+    if token_id is None:
+        return None
+    return await db.fetchval("SELECT user_id::text FROM refresh_tokens WHERE id = $1", token_id)
+
+
 async def use_refresh_token(db: asyncpg.Pool, token: str) -> str | None:
     """Spend a refresh token (each works once); returns its active user's id, or None."""
-    token_id, _, secret = token.partition(".")
-    try:
-        parsed = uuid.UUID(token_id)
-    except ValueError:
+    parsed, secret = _token_id(token), token.partition(".")[2]
+    if parsed is None:
         return None
     return await db.fetchval(
         """UPDATE refresh_tokens t SET used_at = now()
