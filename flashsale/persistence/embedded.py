@@ -56,10 +56,6 @@ class EmbeddedPostgres:
     def dsn(self, database: str = "postgres") -> str:
         return self.server.get_uri(database)
 
-    @property
-    def pid(self) -> int | None:
-        return self.server.get_pid()
-
     def stop(self) -> None:
         """Fast shutdown: open transactions are rolled back, committed data is kept."""
         subprocess.run(
