@@ -168,6 +168,7 @@ async def engine_side(params: Params, scenario: Scenario, dsn: str, env: dict[st
                       "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
                      "listening on", workdir / "engine.log")
     url = f"http://127.0.0.1:{port}"
+    product_ids: list[str] = []
     try:
         product_ids = await create_engine_products(url, scenario)
 
@@ -185,6 +186,9 @@ async def engine_side(params: Params, scenario: Scenario, dsn: str, env: dict[st
         verdict = await audit(target, scenario, shoppers, load, paid)
     finally:
         engine.stop()
+        # Idle actors still cost CPU (~0.5% each here): the baseline must not run beside them.
+        for product_id in product_ids:
+            ray.kill(ray.get_actor(actor_name(product_id), namespace=NAMESPACE))
     verdict.problems += replay_problems(dsn, env)
     verdict.ok = not verdict.problems
     return Side(load, verdict)
