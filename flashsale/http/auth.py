@@ -1,7 +1,6 @@
 """Passwords (bcrypt, off the event loop), access tokens (HS256 JWT) and who is calling."""
 
 import asyncio
-import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +12,7 @@ from aiohttp import web
 
 from flashsale.http.problems import ApiError
 from flashsale.persistence.users import deactivated_user_ids
+from flashsale.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,7 @@ class DeactivatedUsers:
                 log.warning("could not refresh deactivated users: %s", error)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
 
 def bearer_user(request: web.Request, tokens: Tokens, deactivated: DeactivatedUsers) -> str:

@@ -16,6 +16,7 @@ from flashsale.actors.product_actor import ProductCounts, ProductUnavailable
 from flashsale.http.problems import ApiError
 from flashsale.http.schemas import ProductView, rfc3339
 from flashsale.persistence.products import ProductRow, all_products, product_by_id
+from flashsale.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,7 @@ class Catalogue:
         self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def row(self, product_id: str) -> ProductRow | None:
         """The sale, from the cache or (for a sale created by another front end) the database."""

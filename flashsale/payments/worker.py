@@ -6,7 +6,6 @@ a restart the journal is still there, so nothing is lost between journal and cal
 Sessions: closes the provider session of an order whose hold lapsed, so it takes no money."""
 
 import asyncio
-import contextlib
 import logging
 
 import aiohttp
@@ -20,6 +19,7 @@ from flashsale.persistence.payments import (
     refund_accepted,
     refund_failed,
 )
+from flashsale.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,7 @@ class PaymentWorker:
         self._task = asyncio.get_running_loop().create_task(self._run_forever())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def run_once(self) -> int:
         """One round; returns how many refunds the gateway accepted."""

@@ -16,6 +16,7 @@ import asyncpg
 from flashsale.actors.messages import Event, event_encoder
 from flashsale.actors.product import OrderRecord
 from flashsale.persistence.frames import frame
+from flashsale.tasks import stop_task
 
 QUEUE_DEPTH_MAX = 256
 EVENTS_PER_FLUSH_MAX = 50_000
@@ -128,8 +129,7 @@ class WalWriter:
         return self._last
 
     async def close(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        await stop_task(self._task)
 
     async def _run(self) -> None:
         while True:
