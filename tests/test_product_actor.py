@@ -22,7 +22,7 @@ from flashsale.actors.product_actor import ProductUnavailable, send
 from flashsale.ids import uuid7
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
-from flashsale.persistence.replay import rebuild
+from flashsale.persistence.replay import decode_state, rebuild
 
 ProductFactory = Callable[..., Awaitable[tuple[str, ActorHandle]]]
 
@@ -34,7 +34,7 @@ def place(quantity: int = 1) -> PlaceOrder:
 
 
 async def live_state(actor: ActorHandle) -> ProductState:
-    return msgspec.msgpack.decode(await actor.snapshot.remote(), type=ProductState)
+    return decode_state(await actor.snapshot.remote())
 
 
 async def send_until_decided(actor: ActorHandle, commands: list[Command],

@@ -1,6 +1,5 @@
 """One example per rule and per rejection of the pure product core."""
 
-import msgspec
 import pytest
 
 from flashsale.actors.invariants import check_invariants
@@ -29,6 +28,7 @@ from flashsale.actors.product import (
     Reply,
     execute,
 )
+from flashsale.persistence.replay import decode_state, encode_state
 
 START_MS = 1_000_000
 END_MS = START_MS + 3_600_000
@@ -345,5 +345,4 @@ def test_folding_the_events_rebuilds_the_state_and_snapshots_round_trip() -> Non
     for event in sale.events:
         apply(rebuilt, event)
     assert rebuilt == sale.state
-    snapshot = msgspec.msgpack.encode(sale.state)
-    assert msgspec.msgpack.decode(snapshot, type=ProductState) == sale.state
+    assert decode_state(encode_state(sale.state)) == sale.state

@@ -24,7 +24,7 @@ class Rejection(enum.Enum):
     PAYMENT_MISMATCH = "payment_mismatch"
 
 
-class ProductTerms(msgspec.Struct, frozen=True, array_like=True):
+class ProductTerms(msgspec.Struct, frozen=True, array_like=True, gc=False):
     product_id: str
     price_minor: int
     currency: str
@@ -36,43 +36,43 @@ class ProductTerms(msgspec.Struct, frozen=True, array_like=True):
 # Commands -------------------------------------------------------------------------------------
 
 
-class DefineProduct(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class DefineProduct(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     terms: ProductTerms
     stock: int
 
 
-class PlaceOrder(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class PlaceOrder(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     order_id: str
     user_id: str
     idempotency_key: str
     quantity: int
 
 
-class CapturePayment(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class CapturePayment(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     order_id: str
     payment_id: str
     amount_minor: int
     currency: str
 
 
-class FailPayment(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class FailPayment(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     order_id: str
 
 
-class ExpireHolds(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class ExpireHolds(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     """Expire every pending order whose hold has lapsed (the actor's timer sends it)."""
 
 
-class CancelOrder(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class CancelOrder(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     order_id: str
     user_id: str
 
 
-class Restock(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class Restock(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     quantity: int
 
 
-class SettleRefund(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class SettleRefund(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     order_id: str
     succeeded: bool
 
@@ -92,13 +92,13 @@ Command = (
 # Events: everything replay needs, nothing it would have to look up ---------------------------
 
 
-class ProductDefined(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class ProductDefined(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     terms: ProductTerms
     stock: int
     at_ms: int
 
 
-class OrderPlaced(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class OrderPlaced(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     order_id: str
     user_id: str
     idempotency_key: str
@@ -108,7 +108,7 @@ class OrderPlaced(msgspec.Struct, frozen=True, tag=True, array_like=True):
     expires_at_ms: int
 
 
-class OrderConfirmed(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class OrderConfirmed(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     order_id: str
     payment_id: str
     at_ms: int
@@ -116,23 +116,23 @@ class OrderConfirmed(msgspec.Struct, frozen=True, tag=True, array_like=True):
     rereserved: bool
 
 
-class OrderFailed(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class OrderFailed(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     order_id: str
     at_ms: int
 
 
-class OrderExpired(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class OrderExpired(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     order_id: str
     at_ms: int
 
 
-class OrderCancelled(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class OrderCancelled(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     order_id: str
     refund_amount_minor: int
     at_ms: int
 
 
-class RefundRequired(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class RefundRequired(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     """A payment captured for a lapsed order when its units could not be re-reserved."""
 
     order_id: str
@@ -141,13 +141,13 @@ class RefundRequired(msgspec.Struct, frozen=True, tag=True, array_like=True):
     at_ms: int
 
 
-class RefundSettled(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class RefundSettled(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     order_id: str
     succeeded: bool
     at_ms: int
 
 
-class Restocked(msgspec.Struct, frozen=True, tag=True, array_like=True):
+class Restocked(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     quantity: int
     at_ms: int
 

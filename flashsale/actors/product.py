@@ -57,7 +57,7 @@ class Policy(msgspec.Struct, frozen=True):
     cancel_window_ms: int = 86_400_000
 
 
-class OrderRecord(msgspec.Struct, frozen=True, array_like=True):
+class OrderRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
     order_id: str
     user_id: str
     idempotency_key: str
@@ -85,8 +85,8 @@ class ProductState(msgspec.Struct):
     orders: dict[str, OrderRecord] = {}
     # Units in pending and confirmed orders, per user (the per-user limit counts these).
     units_by_user: dict[str, int] = {}
-    # "user_id:idempotency_key" -> order id; keys are scoped to the user.
-    order_by_key: dict[str, str] = {}
+    # (user_id, idempotency_key) -> order id; keys are scoped to the user.
+    order_by_key: dict[tuple[str, str], str] = {}
     order_by_payment: dict[str, str] = {}
     # (expires_at_ms, order_id) of pending orders; entries of settled orders are dropped lazily.
     holds: list[tuple[int, str]] = []
@@ -100,8 +100,46 @@ class ProductState(msgspec.Struct):
 Reply = OrderRecord | Rejection | None
 
 
-def idempotency_slot(user_id: str, key: str) -> str:
-    return f"{user_id}:{key}"
+class Snapshot(msgspec.Struct, array_like=True, gc=False):
+    """A state as a snapshot keeps it: its orders and the layout of the hold heap. Every index is
+    derived again on restore, sharing the orders' strings, so a restored state is no larger than
+    the live one and the snapshot holds each id once."""
+
+    terms: ProductTerms | None
+    stock: int
+    last_seq: int
+    orders: list[OrderRecord]
+    holds: list[tuple[int, int]]  # (expires_at_ms, position in `orders`), in heap order
+
+
+def snapshot_of(state: ProductState) -> Snapshot:
+    position = {order_id: i for i, order_id in enumerate(state.orders)}
+    return Snapshot(state.terms, state.stock, state.last_seq, list(state.orders.values()),
+                    [(expires_at, position[order_id]) for expires_at, order_id in state.holds])
+
+
+def restore(snapshot: Snapshot) -> ProductState:
+    """The state a snapshot was taken of, equal to it field by field."""
+    orders = snapshot.orders
+    state = ProductState(
+        snapshot.terms,
+        snapshot.stock,
+        orders={o.order_id: o for o in orders},
+        order_by_key={(o.user_id, o.idempotency_key): o.order_id for o in orders},
+        order_by_payment={o.payment_id: o.order_id for o in orders if o.payment_id is not None},
+        holds=[(expires_at_ms, orders[i].order_id) for expires_at_ms, i in snapshot.holds],
+        last_seq=snapshot.last_seq,
+    )
+    units = state.units_by_user
+    for o in orders:
+        if o.status is OrderStatus.PENDING:
+            state.reserved += o.quantity
+        elif o.status is OrderStatus.CONFIRMED:
+            state.sold += o.quantity
+        else:
+            continue
+        units[o.user_id] = units.get(o.user_id, 0) + o.quantity
+    return state
 
 
 def decide(
@@ -163,7 +201,7 @@ def _place(
 ) -> tuple[Event, ...] | Rejection:
     if not 1 <= cmd.quantity <= QUANTITY_MAX:
         return Rejection.VALIDATION_ERROR
-    existing = state.order_by_key.get(idempotency_slot(cmd.user_id, cmd.idempotency_key))
+    existing = state.order_by_key.get((cmd.user_id, cmd.idempotency_key))
     if existing is not None:
         same_request = state.orders[existing].quantity == cmd.quantity
         return () if same_request else Rejection.IDEMPOTENCY_KEY_REUSED
@@ -261,11 +299,11 @@ def apply(state: ProductState, event: Event) -> None:
                 event.at_ms,
             )
             state.reserved += event.quantity
-            _add_units(state, event.user_id, event.quantity)
-            state.order_by_key[idempotency_slot(event.user_id, event.idempotency_key)] = (
-                event.order_id
-            )
+            units = state.units_by_user
+            units[event.user_id] = units.get(event.user_id, 0) + event.quantity
+            state.order_by_key[event.user_id, event.idempotency_key] = event.order_id
             heapq.heappush(state.holds, (event.expires_at_ms, event.order_id))
+            return  # a new hold settles none
         case OrderConfirmed(order_id=order_id, payment_id=payment_id, at_ms=at_ms):
             order = state.orders[order_id]
             if event.rereserved:
@@ -325,7 +363,7 @@ def reply_for(state: ProductState, cmd: Command) -> OrderRecord | None:
     """The order a command concerns, as it stands after the command."""
     match cmd:
         case PlaceOrder(user_id=user_id, idempotency_key=key):
-            return state.orders[state.order_by_key[idempotency_slot(user_id, key)]]
+            return state.orders[state.order_by_key[user_id, key]]
         case CapturePayment(order_id=order_id) | FailPayment(order_id=order_id) | CancelOrder(
             order_id=order_id
         ) | SettleRefund(order_id=order_id):

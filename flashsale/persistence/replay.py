@@ -12,14 +12,14 @@ import msgspec
 
 from flashsale.actors.invariants import check_invariants
 from flashsale.actors.messages import Event
-from flashsale.actors.product import ProductState, apply
+from flashsale.actors.product import ProductState, Snapshot, apply, restore, snapshot_of
 from flashsale.persistence.frames import CorruptRecord, unframe
 
 log = logging.getLogger(__name__)
 
 _events_decoder = msgspec.msgpack.Decoder(list[Event])
-_state_decoder = msgspec.msgpack.Decoder(ProductState)
-_state_encoder = msgspec.msgpack.Encoder()
+_snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
+_snapshot_encoder = msgspec.msgpack.Encoder()
 
 RECORDS_PREFETCH = 64
 
@@ -41,7 +41,11 @@ class Rebuilt(NamedTuple):
 
 
 def encode_state(state: ProductState) -> bytes:
-    return _state_encoder.encode(state)
+    return _snapshot_encoder.encode(snapshot_of(state))
+
+
+def decode_state(blob: bytes) -> ProductState:
+    return restore(_snapshot_decoder.decode(blob))
 
 
 async def load_snapshot(conn: asyncpg.Connection, product_id: str) -> ProductState | None:
@@ -52,7 +56,7 @@ async def load_snapshot(conn: asyncpg.Connection, product_id: str) -> ProductSta
     if row is None:
         return None
     try:
-        state = _state_decoder.decode(unframe(row["record"]))
+        state = decode_state(unframe(row["record"]))
     except (CorruptRecord, msgspec.DecodeError) as error:
         # The WAL is never truncated, so a full replay still gets everything back.
         log.warning("product %s: snapshot at seq %s unusable (%s); replaying the whole WAL",
