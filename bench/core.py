@@ -21,8 +21,8 @@ import psutil
 import ray
 import uvloop
 
-from flashsale.actors.messages import DefineProduct, PlaceOrder, ProductTerms
-from flashsale.actors.product import OrderRecord, Policy
+from flashsale.actors.messages import DefineProduct, OrderRecord, PlaceOrder, ProductTerms
+from flashsale.actors.product import Policy
 from flashsale.actors.product_actor import (
     ActorConfig,
     decode_decided,

@@ -85,10 +85,11 @@ async def products(ray_session: None, database_dsn: str) -> AsyncIterator[Produc
     handles: list[ActorHandle] = []
 
     async def create(stock: int = 100, limit: int = 1, hold_ttl_ms: int = 600_000,
-                     snapshot_every_events: int = 100_000,
+                     forget_settled_after_ms: int = 600_000, snapshot_every_events: int = 100_000,
                      dsn: str | None = None) -> tuple[str, ActorHandle]:
         product_id = str(uuid.uuid4())
-        config = ActorConfig(dsn or database_dsn, Policy(hold_ttl_ms=hold_ttl_ms),
+        policy = Policy(hold_ttl_ms=hold_ttl_ms, forget_settled_after_ms=forget_settled_after_ms)
+        config = ActorConfig(dsn or database_dsn, policy,
                              snapshot_every_events=snapshot_every_events)
         actor = product_actor(product_id, config)
         handles.append(actor)
@@ -112,10 +113,11 @@ async def make_api(ray_session: None, database_dsn: str) -> AsyncIterator[ApiFac
     running: list[tuple[TestServer, aiohttp.ClientSession, Engine]] = []
 
     async def make(payments: Callable[[str], PaymentProvider] | None = None,
-                   hold_ttl_ms: int = HOLD_TTL_MS,
+                   hold_ttl_ms: int = HOLD_TTL_MS, forget_settled_after_ms: int = 600_000,
                    rate_limits: dict[str, Limit] | None = None) -> Api:
         config = ActorConfig(database_dsn, Policy(hold_ttl_ms=hold_ttl_ms,
-                                                  cancel_window_ms=CANCEL_WINDOW_MS))
+                                                  cancel_window_ms=CANCEL_WINDOW_MS,
+                                                  forget_settled_after_ms=forget_settled_after_ms))
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         gateway = (payments(base_url) if payments else

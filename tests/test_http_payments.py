@@ -8,10 +8,12 @@ import time
 import uuid
 from typing import Any
 
+from conftest import ApiFactory
 from helpers import SANDBOX_SECRET, Api
 
 from flashsale.payments.provider import EventKind
 from flashsale.payments.sandbox import SandboxGateway
+from flashsale.persistence.replay import decode_state
 
 PRICE = 49_900
 
@@ -209,3 +211,34 @@ async def test_payment_links_are_signed_per_order(api: Api) -> None:
         status, body, _ = await api.call("GET", path)
         assert (status, body["code"]) == (401, "invalid_token")
     assert (await api.call("GET", "/webhooks/health"))[:2] == (200, {"status": "ok"})
+
+
+async def test_orders_the_product_forgot_still_answer_retries_payments_and_cancels(
+    make_api: ApiFactory,
+) -> None:
+    api = await make_api(forget_settled_after_ms=200)
+    product_id = await api.sale(stock=2)
+    _, token = await api.register()
+    status, placed = await api.order(token, product_id, key="forgotten-key")
+    assert status == 201
+    _, webhooks = await checkout(api, placed["payment_url"])
+    await press(api, webhooks, "fail")
+    actor = api.engine.router.actor(product_id)
+    deadline = time.monotonic() + 15
+    while placed["order_id"] in decode_state(await actor.snapshot.remote()).orders:
+        assert time.monotonic() < deadline, "the failed order was never forgotten"
+        await asyncio.sleep(0.1)
+
+    # Idempotency keys outlive the product's memory: the read model answers for it.
+    assert await api.order(token, product_id, key="forgotten-key") == (201, placed)
+    status, body = await api.order(token, product_id, quantity=2, key="forgotten-key")
+    assert (status, body["code"]) == (422, "idempotency_key_reused")
+    status, body, _ = await api.call("POST", f"/orders/{placed['order_id']}/cancel", token, {})
+    assert (status, body["code"]) == (409, "invalid_order_state")
+    # A late payment brings the order back: confirmed, the unit taken again.
+    status, reply = await press(api, webhooks, "pay")
+    assert (status, reply["status"]) == (200, "processed")
+    order = await order_of(api, token, placed["order_id"])
+    assert (order["status"], order["refund_status"]) == ("confirmed", "none")
+    counts = await actor.counts.remote()
+    assert (counts.available, counts.sold) == (1, 1)

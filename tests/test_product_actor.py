@@ -16,13 +16,22 @@ import pytest
 import ray
 from ray.actor import ActorHandle
 
-from flashsale.actors.messages import Command, PlaceOrder, Rejection
-from flashsale.actors.product import OrderRecord, OrderStatus, ProductState, Reply
+from flashsale.actors.messages import (
+    CapturePayment,
+    Command,
+    FailPayment,
+    OrderRecord,
+    OrderStatus,
+    PlaceOrder,
+    Rejection,
+)
+from flashsale.actors.product import ProductState, Reply
 from flashsale.actors.product_actor import ProductUnavailable, send
 from flashsale.ids import uuid7
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
-from flashsale.persistence.replay import decode_state, rebuild
+from flashsale.persistence.orders import order_by_id, order_record
+from flashsale.persistence.replay import decode_state, rebuild, report
 
 ProductFactory = Callable[..., Awaitable[tuple[str, ActorHandle]]]
 
@@ -285,3 +294,50 @@ async def test_holds_expire_within_a_second_with_no_request(
     assert 0 <= row["late_s"] <= 1.0
     counts = await actor.counts.remote()
     assert (counts.available, counts.reserved) == (5, 0)
+
+
+async def forgotten(actor: ActorHandle, order_id: str, timeout_s: float = 10) -> ProductState:
+    deadline = time.monotonic() + timeout_s
+    while (state := await live_state(actor)).orders.get(order_id) is not None:
+        assert time.monotonic() < deadline, f"order {order_id} was never forgotten"
+        await asyncio.sleep(0.1)
+    return state
+
+
+async def test_settled_orders_leave_memory_and_the_read_model_brings_them_back(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    product_id, actor = await products(stock=2, forget_settled_after_ms=200)
+    first, second = place(), place()
+    [order, kept] = await send(actor, [first, second])
+    assert isinstance(order, OrderRecord) and isinstance(kept, OrderRecord)
+    await send(actor, [FailPayment(order.order_id)])
+    state = await forgotten(actor, order.order_id)
+    assert kept.order_id in state.orders  # a pending order stays
+    assert (first.user_id, first.idempotency_key) not in state.order_by_key
+
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        report_now = await report(conn, product_id, verify=True)
+        assert report_now.problems == []
+        known = order_record(await order_by_id(conn, order.order_id))
+        assert known.status is OrderStatus.FAILED
+        # A retry of the same request, screened against the read model: the same order.
+        [again] = await send(actor, [msgspec.structs.replace(first, order_id=uuid7(),
+                                                             known=known)])
+        assert isinstance(again, OrderRecord) and again.order_id == order.order_id
+        # A late payment brings the order back and confirms it, durably.
+        capture = CapturePayment(order.order_id, "pay-late", known.total_minor, "INR", known)
+        [confirmed] = await send(actor, [capture])
+        assert isinstance(confirmed, OrderRecord)
+        assert confirmed.status is OrderStatus.CONFIRMED
+        os.kill(await actor.pid.remote(), signal.SIGKILL)
+        [duplicate] = await send_until_decided(actor, [capture])
+        assert isinstance(duplicate, OrderRecord) and duplicate.payment_id == "pay-late"
+        state = await live_state(actor)
+        assert (state.sold, state.reserved, state.available) == (1, 1, 0)
+        from_scratch = await rebuild(conn, product_id, use_snapshot=False)
+        assert from_scratch.state == state
+        assert (await report(conn, product_id, verify=True)).problems == []
+    finally:
+        await conn.close()

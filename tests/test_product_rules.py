@@ -13,18 +13,18 @@ from flashsale.actors.messages import (
     FailPayment,
     OrderConfirmed,
     OrderExpired,
+    OrderStatus,
     PlaceOrder,
     ProductTerms,
     RefundRequired,
+    RefundStatus,
     Rejection,
     Restock,
     SettleRefund,
 )
 from flashsale.actors.product import (
-    OrderStatus,
     Policy,
     ProductState,
-    RefundStatus,
     Reply,
     execute,
 )

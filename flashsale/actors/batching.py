@@ -32,8 +32,9 @@ CALL_TIMEOUT_S = 5.0
 # Defining a sale starts its actor: a new worker process, slow on a busy machine.
 ACTOR_START_TIMEOUT_S = 60.0
 
-# Refuses some commands before they reach the actor (None: let the actor decide).
-Screen = Callable[[str, list[Command]], Awaitable[list[Rejection | None]]]
+# Refuses or completes commands before they reach the actor: one verdict per command, the
+# command to send (perhaps with more facts) or its rejection.
+Screen = Callable[[str, list[Command]], Awaitable[list[Command | Rejection]]]
 # Hears each product's counts as they come back with its batches.
 CountsListener = Callable[[str, ProductCounts], None]
 
@@ -71,14 +72,15 @@ class ProductBatcher:
 
     async def _call(self, batch: list[tuple[Command, asyncio.Future[Reply]]]) -> None:
         try:
-            commands = [cmd for cmd, _ in batch]
-            screened = await self._screen(self._product_id, commands) if self._screen else []
-            to_send = [i for i in range(len(batch)) if not screened or screened[i] is None]
-            replies: list[Reply] = list(screened) if screened else [None] * len(batch)
+            verdicts: list[Command | Rejection] = [cmd for cmd, _ in batch]
+            if self._screen:
+                verdicts = await self._screen(self._product_id, [cmd for cmd, _ in batch])
+            to_send = [(i, v) for i, v in enumerate(verdicts) if not isinstance(v, Rejection)]
+            replies: list[Reply] = [v if isinstance(v, Rejection) else None for v in verdicts]
             if to_send:
                 decided = await asyncio.wait_for(
-                    send_batch(self._actor, [commands[i] for i in to_send]), CALL_TIMEOUT_S)
-                for i, reply in zip(to_send, decided.replies, strict=True):
+                    send_batch(self._actor, [cmd for _, cmd in to_send]), CALL_TIMEOUT_S)
+                for (i, _), reply in zip(to_send, decided.replies, strict=True):
                     replies[i] = reply
                 self._on_counts(self._product_id, decided.counts)
             for (_, future), reply in zip(batch, replies, strict=True):

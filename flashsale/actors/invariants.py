@@ -1,7 +1,8 @@
 """SPEC §6 invariants 1, 2 and 4 for one product, recomputed from its orders: what replay, the
 simulation and the tests check after every step."""
 
-from flashsale.actors.product import OrderStatus, ProductState
+from flashsale.actors.messages import OrderStatus
+from flashsale.actors.product import ProductState
 
 
 def check_invariants(state: ProductState) -> list[str]:

@@ -33,6 +33,55 @@ class ProductTerms(msgspec.Struct, frozen=True, array_like=True, gc=False):
     per_user_limit: int
 
 
+# Orders ---------------------------------------------------------------------------------------
+
+
+class OrderStatus(enum.Enum):
+    PENDING = "pending"
+    CONFIRMED = "confirmed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+class RefundStatus(enum.Enum):
+    NONE = "none"
+    PENDING = "pending"
+    PROCESSED = "processed"
+    FAILED = "failed"
+
+
+class OrderRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """An order as it stands; the orders read model holds the same facts, row for row."""
+
+    order_id: str
+    user_id: str
+    idempotency_key: str
+    quantity: int
+    unit_price_minor: int
+    status: OrderStatus
+    created_at_ms: int
+    expires_at_ms: int
+    updated_at_ms: int
+    confirmed_at_ms: int | None = None
+    payment_id: str | None = None
+    refund_status: RefundStatus = RefundStatus.NONE
+    refund_amount_minor: int = 0
+
+    @property
+    def total_minor(self) -> int:
+        return self.quantity * self.unit_price_minor
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more happens to it unless a payment arrives late: its units are back and
+        no refund is outstanding. A product may forget such an order (see ForgetSettled)."""
+        return (self.status in SETTLED_STATUSES
+                and self.refund_status is not RefundStatus.PENDING)
+
+
+SETTLED_STATUSES = frozenset({OrderStatus.FAILED, OrderStatus.EXPIRED, OrderStatus.CANCELLED})
+
 # Commands -------------------------------------------------------------------------------------
 
 
@@ -46,6 +95,9 @@ class PlaceOrder(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=Fals
     user_id: str
     idempotency_key: str
     quantity: int
+    # The order this user already placed with this key, as the read model holds it, when the
+    # front end found one: the product may have forgotten it.
+    known: OrderRecord | None = None
 
 
 class CapturePayment(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
@@ -53,6 +105,9 @@ class CapturePayment(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=
     payment_id: str
     amount_minor: int
     currency: str
+    # The order as the read model holds it, for a payment that arrives after the product
+    # forgot the order.
+    known: OrderRecord | None = None
 
 
 class FailPayment(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
@@ -61,6 +116,12 @@ class FailPayment(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=Fal
 
 class ExpireHolds(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     """Expire every pending order whose hold has lapsed (the actor's timer sends it)."""
+
+
+class ForgetSettled(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
+    """Let go of orders settled a while ago (the actor's timer sends it), so memory and
+    snapshots follow the live orders, not the sale's history. They stay in the read model, and
+    a command about one brings it back with `known`."""
 
 
 class CancelOrder(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
@@ -83,6 +144,7 @@ Command = (
     | CapturePayment
     | FailPayment
     | ExpireHolds
+    | ForgetSettled
     | CancelOrder
     | Restock
     | SettleRefund
@@ -147,6 +209,19 @@ class RefundSettled(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=F
     at_ms: int
 
 
+class OrdersForgotten(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
+    order_ids: list[str]
+    # How many entries of the settled queue this consumed, forgotten or not.
+    consumed: int
+    at_ms: int
+
+
+class OrderRecalled(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
+    """A forgotten order, back in memory because a late payment changes it."""
+
+    order: OrderRecord
+
+
 class Restocked(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
     quantity: int
     at_ms: int
@@ -161,6 +236,8 @@ Event = (
     | OrderCancelled
     | RefundRequired
     | RefundSettled
+    | OrdersForgotten
+    | OrderRecalled
     | Restocked
 )
 

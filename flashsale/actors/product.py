@@ -2,7 +2,6 @@
 rejection; `apply` folds one event into the state and never fails. No I/O, no clock.
 """
 
-import enum
 import heapq
 
 import msgspec
@@ -15,16 +14,22 @@ from flashsale.actors.messages import (
     Event,
     ExpireHolds,
     FailPayment,
+    ForgetSettled,
     OrderCancelled,
     OrderConfirmed,
     OrderExpired,
     OrderFailed,
     OrderPlaced,
+    OrderRecalled,
+    OrderRecord,
+    OrdersForgotten,
+    OrderStatus,
     PlaceOrder,
     ProductDefined,
     ProductTerms,
     RefundRequired,
     RefundSettled,
+    RefundStatus,
     Rejection,
     Restock,
     Restocked,
@@ -35,46 +40,13 @@ QUANTITY_MAX = 10
 RESTOCK_MAX = 1_000_000_000
 
 
-class OrderStatus(enum.Enum):
-    PENDING = "pending"
-    CONFIRMED = "confirmed"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    CANCELLED = "cancelled"
-
-
-class RefundStatus(enum.Enum):
-    NONE = "none"
-    PENDING = "pending"
-    PROCESSED = "processed"
-    FAILED = "failed"
-
-
 class Policy(msgspec.Struct, frozen=True):
     """Decision parameters from configuration; events record their effect, so replay needs none."""
 
     hold_ttl_ms: int = 900_000
     cancel_window_ms: int = 86_400_000
-
-
-class OrderRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    order_id: str
-    user_id: str
-    idempotency_key: str
-    quantity: int
-    unit_price_minor: int
-    status: OrderStatus
-    created_at_ms: int
-    expires_at_ms: int
-    updated_at_ms: int
-    confirmed_at_ms: int | None = None
-    payment_id: str | None = None
-    refund_status: RefundStatus = RefundStatus.NONE
-    refund_amount_minor: int = 0
-
-    @property
-    def total_minor(self) -> int:
-        return self.quantity * self.unit_price_minor
+    # Settled orders stay in memory this long, for retries and webhooks that follow at once.
+    forget_settled_after_ms: int = 60_000
 
 
 class ProductState(msgspec.Struct):
@@ -90,6 +62,8 @@ class ProductState(msgspec.Struct):
     order_by_payment: dict[str, str] = {}
     # (expires_at_ms, order_id) of pending orders; entries of settled orders are dropped lazily.
     holds: list[tuple[int, str]] = []
+    # (settled_at_ms, order_id) in the order orders settled: what ForgetSettled works through.
+    settled: list[tuple[int, str]] = []
     last_seq: int = 0
 
     @property
@@ -109,13 +83,16 @@ class Snapshot(msgspec.Struct, array_like=True, gc=False):
     stock: int
     last_seq: int
     orders: list[OrderRecord]
-    holds: list[tuple[int, int]]  # (expires_at_ms, position in `orders`), in heap order
+    # (time, position in `orders`) of the state's holds and settled queue, in their order.
+    holds: list[tuple[int, int]]
+    settled: list[tuple[int, int]]
 
 
 def snapshot_of(state: ProductState) -> Snapshot:
     position = {order_id: i for i, order_id in enumerate(state.orders)}
     return Snapshot(state.terms, state.stock, state.last_seq, list(state.orders.values()),
-                    [(expires_at, position[order_id]) for expires_at, order_id in state.holds])
+                    [(at, position[order_id]) for at, order_id in state.holds],
+                    [(at, position[order_id]) for at, order_id in state.settled])
 
 
 def restore(snapshot: Snapshot) -> ProductState:
@@ -125,13 +102,14 @@ def restore(snapshot: Snapshot) -> ProductState:
         snapshot.terms,
         snapshot.stock,
         orders={o.order_id: o for o in orders},
-        order_by_key={(o.user_id, o.idempotency_key): o.order_id for o in orders},
         order_by_payment={o.payment_id: o.order_id for o in orders if o.payment_id is not None},
-        holds=[(expires_at_ms, orders[i].order_id) for expires_at_ms, i in snapshot.holds],
+        holds=[(at, orders[i].order_id) for at, i in snapshot.holds],
+        settled=[(at, orders[i].order_id) for at, i in snapshot.settled],
         last_seq=snapshot.last_seq,
     )
-    units = state.units_by_user
+    units, by_key = state.units_by_user, state.order_by_key
     for o in orders:
+        by_key.setdefault((o.user_id, o.idempotency_key), o.order_id)  # as `_index` does
         if o.status is OrderStatus.PENDING:
             state.reserved += o.quantity
         elif o.status is OrderStatus.CONFIRMED:
@@ -164,6 +142,8 @@ def decide(
             return (OrderFailed(order_id, now_ms),)
         case ExpireHolds():
             return tuple(OrderExpired(order_id, now_ms) for order_id in due_holds(state, now_ms))
+        case ForgetSettled():
+            return _forget(state, now_ms, policy)
         case CancelOrder():
             return _cancel(state, cmd, now_ms, policy)
         case Restock(quantity=quantity):
@@ -201,10 +181,9 @@ def _place(
 ) -> tuple[Event, ...] | Rejection:
     if not 1 <= cmd.quantity <= QUANTITY_MAX:
         return Rejection.VALIDATION_ERROR
-    existing = state.order_by_key.get((cmd.user_id, cmd.idempotency_key))
-    if existing is not None:
-        same_request = state.orders[existing].quantity == cmd.quantity
-        return () if same_request else Rejection.IDEMPOTENCY_KEY_REUSED
+    earlier = _placed_with_key(state, cmd)
+    if earlier is not None:
+        return () if earlier.quantity == cmd.quantity else Rejection.IDEMPOTENCY_KEY_REUSED
     if cmd.order_id in state.orders:
         return Rejection.VALIDATION_ERROR
     if not terms.sale_starts_at_ms <= now_ms < terms.sale_ends_at_ms:
@@ -227,26 +206,41 @@ def _place(
     )
 
 
+def _placed_with_key(state: ProductState, cmd: PlaceOrder) -> OrderRecord | None:
+    """The order this user placed with this key before, in memory or as the front end found it
+    in the read model (the product may have forgotten it)."""
+    existing = state.order_by_key.get((cmd.user_id, cmd.idempotency_key))
+    if existing is not None:
+        return state.orders[existing]
+    known = cmd.known
+    if known and (known.user_id, known.idempotency_key) == (cmd.user_id, cmd.idempotency_key):
+        return known
+    return None
+
+
 def _capture(
     state: ProductState, terms: ProductTerms, cmd: CapturePayment, now_ms: int
 ) -> tuple[Event, ...] | Rejection:
     order = state.orders.get(cmd.order_id)
+    recalled: tuple[Event, ...] = ()
     if order is None:
-        return Rejection.NOT_FOUND
+        known = cmd.known  # only an order the product forgot may come back, and only settled
+        if known is None or known.order_id != cmd.order_id or not known.settled:
+            return Rejection.NOT_FOUND
+        order, recalled = known, (OrderRecalled(known),)
     if cmd.amount_minor != order.total_minor or cmd.currency != terms.currency:
         return Rejection.PAYMENT_MISMATCH
-    owner = state.order_by_payment.get(cmd.payment_id)
-    if owner is not None:
-        return () if owner == cmd.order_id else Rejection.INVALID_ORDER_STATE
-    if order.payment_id is not None:
-        return Rejection.INVALID_ORDER_STATE  # a second, different payment for one order
+    if order.payment_id == cmd.payment_id:
+        return ()  # this payment is already recorded
+    if cmd.payment_id in state.order_by_payment or order.payment_id is not None:
+        return Rejection.INVALID_ORDER_STATE  # a payment of another order, or a second payment
     if order.status is OrderStatus.PENDING:
         return (OrderConfirmed(cmd.order_id, cmd.payment_id, now_ms, rereserved=False),)
     # A late payment: the hold lapsed. Take the units again if the rules still allow it.
     held_by_user = state.units_by_user.get(order.user_id, 0)
     if state.available >= order.quantity and held_by_user + order.quantity <= terms.per_user_limit:
-        return (OrderConfirmed(cmd.order_id, cmd.payment_id, now_ms, rereserved=True),)
-    return (RefundRequired(cmd.order_id, cmd.payment_id, cmd.amount_minor, now_ms),)
+        return (*recalled, OrderConfirmed(cmd.order_id, cmd.payment_id, now_ms, rereserved=True))
+    return (*recalled, RefundRequired(cmd.order_id, cmd.payment_id, cmd.amount_minor, now_ms))
 
 
 def _cancel(
@@ -260,6 +254,22 @@ def _cancel(
     if now_ms > order.confirmed_at_ms + policy.cancel_window_ms:
         return Rejection.CANCELLATION_WINDOW_CLOSED
     return (OrderCancelled(cmd.order_id, order.total_minor, now_ms),)
+
+
+def _forget(state: ProductState, now_ms: int, policy: Policy) -> tuple[Event, ...]:
+    """Settled orders older than the policy's delay, taken from the front of the settled queue.
+    Entries of orders that changed since they settled are consumed without forgetting."""
+    cutoff = now_ms - policy.forget_settled_after_ms
+    forgotten: list[str] = []
+    consumed = 0
+    for settled_at_ms, order_id in state.settled:
+        if settled_at_ms > cutoff:
+            break
+        order = state.orders[order_id]
+        if order.settled and order.updated_at_ms == settled_at_ms:
+            forgotten.append(order_id)
+        consumed += 1
+    return (OrdersForgotten(forgotten, consumed, now_ms),) if consumed else ()
 
 
 def due_holds(state: ProductState, now_ms: int) -> list[str]:
@@ -304,6 +314,9 @@ def apply(state: ProductState, event: Event) -> None:
             state.order_by_key[event.user_id, event.idempotency_key] = event.order_id
             heapq.heappush(state.holds, (event.expires_at_ms, event.order_id))
             return  # a new hold settles none
+        case OrderRecalled(order=order):
+            state.orders[order.order_id] = order
+            _index(state, order)
         case OrderConfirmed(order_id=order_id, payment_id=payment_id, at_ms=at_ms):
             order = state.orders[order_id]
             if event.rereserved:
@@ -322,6 +335,7 @@ def apply(state: ProductState, event: Event) -> None:
             _add_units(state, order.user_id, -order.quantity)
             status = OrderStatus.FAILED if isinstance(event, OrderFailed) else OrderStatus.EXPIRED
             _update(state, order, status=status, updated_at_ms=at_ms)
+            state.settled.append((at_ms, order_id))
         case OrderCancelled(order_id=order_id, refund_amount_minor=amount, at_ms=at_ms):
             order = state.orders[order_id]
             state.sold -= order.quantity
@@ -334,11 +348,31 @@ def apply(state: ProductState, event: Event) -> None:
                     refund_status=RefundStatus.PENDING, refund_amount_minor=event.amount_minor,
                     updated_at_ms=at_ms)
         case RefundSettled(order_id=order_id, succeeded=succeeded, at_ms=at_ms):
-            settled = RefundStatus.PROCESSED if succeeded else RefundStatus.FAILED
-            _update(state, state.orders[order_id], refund_status=settled, updated_at_ms=at_ms)
+            outcome = RefundStatus.PROCESSED if succeeded else RefundStatus.FAILED
+            _update(state, state.orders[order_id], refund_status=outcome, updated_at_ms=at_ms)
+            if state.orders[order_id].settled:
+                state.settled.append((at_ms, order_id))
+        case OrdersForgotten(order_ids=order_ids, consumed=consumed):
+            gone = set(order_ids)
+            state.settled = [entry for entry in state.settled[consumed:] if entry[1] not in gone]
+            if state.holds:  # a failed order's hold may still be in the heap, below the top
+                state.holds = [entry for entry in state.holds if entry[1] not in gone]
+                heapq.heapify(state.holds)
+            for order_id in order_ids:
+                order = state.orders.pop(order_id)
+                del state.order_by_key[order.user_id, order.idempotency_key]
+                if order.payment_id is not None:
+                    del state.order_by_payment[order.payment_id]
         case Restocked(quantity=quantity):
             state.stock += quantity
     _drop_settled_holds(state)
+
+
+def _index(state: ProductState, order: OrderRecord) -> None:
+    """Index an order that comes back; a key its order's absence let someone reuse stays theirs."""
+    state.order_by_key.setdefault((order.user_id, order.idempotency_key), order.order_id)
+    if order.payment_id is not None:
+        state.order_by_payment[order.payment_id] = order.order_id
 
 
 def _update(state: ProductState, order: OrderRecord, **changes: object) -> None:
@@ -362,11 +396,13 @@ def _drop_settled_holds(state: ProductState) -> None:
 def reply_for(state: ProductState, cmd: Command) -> OrderRecord | None:
     """The order a command concerns, as it stands after the command."""
     match cmd:
-        case PlaceOrder(user_id=user_id, idempotency_key=key):
-            return state.orders[state.order_by_key[user_id, key]]
-        case CapturePayment(order_id=order_id) | FailPayment(order_id=order_id) | CancelOrder(
+        case PlaceOrder():
+            return _placed_with_key(state, cmd)
+        case CapturePayment(order_id=order_id, known=known):
+            return state.orders.get(order_id, known)
+        case FailPayment(order_id=order_id) | CancelOrder(order_id=order_id) | SettleRefund(
             order_id=order_id
-        ) | SettleRefund(order_id=order_id):
+        ):
             return state.orders[order_id]
     return None
 

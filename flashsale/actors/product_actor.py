@@ -15,14 +15,16 @@ import asyncpg
 import msgspec
 from ray.actor import ActorHandle
 
-from flashsale.actors.messages import Command, Event, ExpireHolds, OrderPlaced
+from flashsale.actors.messages import Command, Event, ExpireHolds, ForgetSettled, OrderPlaced
 from flashsale.actors.product import Policy, ProductState, Reply, execute
 from flashsale.persistence.replay import encode_state, rebuild
 from flashsale.persistence.wal import QUEUE_DEPTH_MAX, OrderChanges, WalBroken, WalWriter
 
 log = logging.getLogger(__name__)
 
-HOLD_CHECK_INTERVAL_S = 0.2
+HOUSEKEEPING_INTERVAL_S = 0.2
+# Forgetting rebuilds the hold heap, so it waits for settled orders to gather.
+FORGET_INTERVAL_S = 2.0
 RECOVERY_WAIT_S = 2.0
 RECONNECT_BACKOFF_MAX_S = 2.0
 CONNECT_TIMEOUT_S = 5.0
@@ -106,9 +108,10 @@ class ProductActor:
         self._writer: WalWriter | None = None
         self._conn: asyncpg.Connection | None = None
         self._events_since_snapshot = 0
+        self._forgot_at_ms = 0
         loop = asyncio.get_running_loop()  # Ray runs an async actor's constructor in its loop
         self._recovery = loop.create_task(self._recover())
-        self._timer = loop.create_task(self._expire_holds_forever())
+        self._timer = loop.create_task(self._keep_house_forever())
 
     async def handle(self, blob: bytes) -> bytes:
         """Decide a batch of encoded commands; returns their encoded replies, in order, with
@@ -215,13 +218,25 @@ class ProductActor:
         self._conn = conn
         self._writer = WalWriter(conn, self._product_id, self._config.queue_depth_max)
 
-    async def _expire_holds_forever(self) -> None:
+    async def _keep_house_forever(self) -> None:
+        """Expire lapsed holds and forget long-settled orders, with no request needed."""
         while True:
-            await asyncio.sleep(HOLD_CHECK_INTERVAL_S)
-            holds = self._state.holds
-            if not self._recovery.done() or not holds or holds[0][0] > now_ms():
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+            chores = self._chores(now_ms()) if self._recovery.done() else []
+            if not chores:
                 continue
             try:
-                await self._decide_durably([ExpireHolds()])
+                await self._decide_durably(chores)
             except ProductUnavailable as error:
-                log.warning("product %s: holds not expired yet: %s", self._product_id, error)
+                log.warning("product %s: housekeeping put off: %s", self._product_id, error)
+
+    def _chores(self, now: int) -> list[Command]:
+        state, chores = self._state, list[Command]()
+        if state.holds and state.holds[0][0] <= now:
+            chores.append(ExpireHolds())
+        forget_before = now - self._config.policy.forget_settled_after_ms
+        if (state.settled and state.settled[0][0] <= forget_before
+                and now - self._forgot_at_ms >= FORGET_INTERVAL_S * 1000):
+            self._forgot_at_ms = now
+            chores.append(ForgetSettled())
+        return chores

@@ -1,6 +1,7 @@
 """What a front end holds: the database pool, the product router, the catalogue and auth."""
 
 import asyncpg
+import msgspec
 from aiohttp import web
 
 from flashsale.actors.batching import ProductRouter
@@ -19,7 +20,7 @@ from flashsale.http.problems import ApiError
 from flashsale.http.ratelimit import RateLimiter
 from flashsale.payments.provider import PaymentProvider
 from flashsale.payments.worker import PaymentWorker
-from flashsale.persistence.orders import keys_used_elsewhere
+from flashsale.persistence.orders import order_record, orders_with_keys
 
 POOL_SIZE_MAX = 10
 
@@ -33,7 +34,7 @@ class Engine:
         self.limiter = RateLimiter(rate_limits) if rate_limits else None
         self.payments = payments
         self.payment_worker = PaymentWorker(db, payments)
-        self.router = ProductRouter(actor_config, screen=self._refuse_keys_used_elsewhere)
+        self.router = ProductRouter(actor_config, screen=self._screen_keys)
         self.catalogue = Catalogue(db, self.router)
         self.passwords = Passwords(bcrypt_rounds)
         self.tokens = Tokens(jwt_secret)
@@ -58,20 +59,24 @@ class Engine:
         token = self.tokens.payment_link_token(order_id, expires_at_ms // 1000)
         return f"{self.base_url}/pay/{order_id}?token={token}"
 
-    async def _refuse_keys_used_elsewhere(self, product_id: str,
-                                          commands: list[Command]) -> list[Rejection | None]:
-        """Idempotency keys are scoped to the user across products, but an actor sees only its
-        own product: one query per batch finds keys already spent on another product."""
+    async def _screen_keys(self, product_id: str,
+                           commands: list[Command]) -> list[Command | Rejection]:
+        """Idempotency keys are scoped to the user across products and kept longer than an actor
+        remembers settled orders: one query per batch finds the orders already placed with the
+        batch's keys. A key spent on another product is refused; an order of this product goes
+        along with its command, for the actor to answer with if it has forgotten the order."""
         places = [(i, c) for i, c in enumerate(commands) if isinstance(c, PlaceOrder)]
         if not places:
-            return []
-        used = await keys_used_elsewhere(self.db, product_id,
-                                         [c.user_id for _, c in places],
-                                         [c.idempotency_key for _, c in places])
-        verdicts: list[Rejection | None] = [None] * len(commands)
-        for position in used:
-            verdicts[places[position][0]] = Rejection.IDEMPOTENCY_KEY_REUSED
-        return verdicts
+            return list(commands)
+        found = await orders_with_keys(self.db, [c.user_id for _, c in places],
+                                       [c.idempotency_key for _, c in places])
+        screened: list[Command | Rejection] = list(commands)
+        for position, row in found.items():
+            i, cmd = places[position]
+            screened[i] = (msgspec.structs.replace(cmd, known=order_record(row))
+                           if row["product_id"] == product_id
+                           else Rejection.IDEMPOTENCY_KEY_REUSED)
+        return screened
 
     async def start(self) -> None:
         await self.deactivated.start()

@@ -5,8 +5,14 @@ import uuid
 import asyncpg
 from aiohttp import web
 
-from flashsale.actors.messages import CancelOrder, Command, PlaceOrder, Rejection
-from flashsale.actors.product import OrderRecord, OrderStatus
+from flashsale.actors.messages import (
+    CancelOrder,
+    Command,
+    OrderRecord,
+    OrderStatus,
+    PlaceOrder,
+    Rejection,
+)
 from flashsale.actors.product_actor import ProductUnavailable
 from flashsale.http.engine import ENGINE, Engine
 from flashsale.http.problems import ApiError, rejected
@@ -125,6 +131,8 @@ async def cancel_order(request: web.Request) -> web.Response:
     user_id = engine.user(request)
     row = await _own_order(request, engine, user_id)
     await read_body(request, CancelRequest)
+    if row["status"] != OrderStatus.CONFIRMED.value:  # its product may have forgotten it
+        raise ApiError("invalid_order_state", f"the order is {row['status']}")
     order = await _decide(engine, row["product_id"], CancelOrder(row["id"], user_id))
     return json_response({"order_id": order.order_id, "status": order.status.value,
                           "refund_initiated": True, "refund_amount": order.refund_amount_minor})

@@ -10,10 +10,10 @@ from flashsale.actors.messages import (
     CapturePayment,
     Command,
     FailPayment,
+    OrderStatus,
     Rejection,
     SettleRefund,
 )
-from flashsale.actors.product import OrderStatus
 from flashsale.actors.product_actor import ProductUnavailable
 from flashsale.http.checkout_page import checkout_page, settled_page
 from flashsale.http.engine import ENGINE
@@ -26,7 +26,7 @@ from flashsale.payments.provider import (
     PaymentEvent,
     PaymentOrder,
 )
-from flashsale.persistence.orders import order_by_id
+from flashsale.persistence.orders import order_by_id, order_record
 from flashsale.persistence.payments import (
     keep_payment_session,
     payment_session,
@@ -65,11 +65,11 @@ async def pay(request: web.Request) -> web.StreamResponse:
     return web.Response(text=page, content_type="text/html")
 
 
-def _command(event: PaymentEvent) -> Command:
+def _command(event: PaymentEvent, order: asyncpg.Record) -> Command:
     match event.kind:
-        case EventKind.CAPTURED:
+        case EventKind.CAPTURED:  # with the order, in case its product has forgotten it
             return CapturePayment(event.order_id, event.payment_id, event.amount_minor,
-                                  event.currency)
+                                  event.currency, order_record(order))
         case EventKind.FAILED:
             return FailPayment(event.order_id)
         case EventKind.REFUNDED | EventKind.REFUND_FAILED:
@@ -122,7 +122,7 @@ async def _process(request: web.Request, event: PaymentEvent | None) -> str:
     if mismatch:
         return f"rejected: {mismatch}"
     try:
-        reply = await engine.router.submit(order["product_id"], _command(event))
+        reply = await engine.router.submit(order["product_id"], _command(event, order))
     except ProductUnavailable as error:  # not recorded as done: the redelivery is processed
         raise ApiError("unavailable", str(error)) from None
     if isinstance(reply, Rejection):

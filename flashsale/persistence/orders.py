@@ -2,10 +2,12 @@
 
 import asyncpg
 
-_ORDERS = """SELECT o.id::text, o.user_id::text, o.product_id::text, o.quantity,
+from flashsale.actors.messages import OrderRecord, OrderStatus, RefundStatus
+
+_COLUMNS = """o.id::text, o.user_id::text, o.product_id::text, o.idempotency_key, o.quantity,
     o.unit_price_minor, o.currency, o.status, o.payment_id, o.refund_status,
-    o.refund_amount_minor, o.expires_at_ms, o.confirmed_at_ms, o.created_at_ms, o.updated_at_ms,
-    s.provider AS payment_provider
+    o.refund_amount_minor, o.expires_at_ms, o.confirmed_at_ms, o.created_at_ms, o.updated_at_ms"""
+_ORDERS = f"""SELECT {_COLUMNS}, s.provider AS payment_provider
     FROM orders o LEFT JOIN payment_sessions s ON s.order_id = o.id"""
 
 
@@ -27,14 +29,23 @@ async def orders_of_user(db: asyncpg.Pool, user_id: str, status: str | None, lim
     return rows, total
 
 
-async def keys_used_elsewhere(db: asyncpg.Pool, product_id: str, user_ids: list[str],
-                              keys: list[str]) -> set[int]:
-    """Positions (0-based) of (user, key) pairs already used for an order of another product."""
-    rows = await db.fetch(
-        """SELECT k.position - 1 AS position
-           FROM unnest($2::uuid[], $3::text[]) WITH ORDINALITY AS k(user_id, key, position)
-           JOIN orders o ON o.user_id = k.user_id AND o.idempotency_key = k.key
-           WHERE o.product_id <> $1""",
-        product_id, user_ids, keys,
+def order_record(row: asyncpg.Record) -> OrderRecord:
+    """A row of the read model as the product actor knows orders."""
+    return OrderRecord(
+        row["id"], row["user_id"], row["idempotency_key"], row["quantity"],
+        row["unit_price_minor"], OrderStatus(row["status"]), row["created_at_ms"],
+        row["expires_at_ms"], row["updated_at_ms"], row["confirmed_at_ms"], row["payment_id"],
+        RefundStatus(row["refund_status"]), row["refund_amount_minor"],
     )
-    return {row["position"] for row in rows}
+
+
+async def orders_with_keys(db: asyncpg.Pool, user_ids: list[str],
+                           keys: list[str]) -> dict[int, asyncpg.Record]:
+    """The orders already placed with these (user, key) pairs, by the pair's 0-based position."""
+    rows = await db.fetch(
+        f"""SELECT k.position - 1 AS position, {_COLUMNS}
+            FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS k(user_id, key, position)
+            JOIN orders o ON o.user_id = k.user_id AND o.idempotency_key = k.key""",
+        user_ids, keys,
+    )
+    return {row["position"]: row for row in rows}

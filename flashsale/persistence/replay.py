@@ -11,7 +11,7 @@ import asyncpg
 import msgspec
 
 from flashsale.actors.invariants import check_invariants
-from flashsale.actors.messages import Event
+from flashsale.actors.messages import SETTLED_STATUSES, Event, OrderStatus, RefundStatus
 from flashsale.actors.product import ProductState, Snapshot, apply, restore, snapshot_of
 from flashsale.persistence.frames import CorruptRecord, unframe
 
@@ -133,17 +133,28 @@ async def report(conn: asyncpg.Connection, product_id: str, *, verify: bool) -> 
 
 async def _read_model_problems(conn: asyncpg.Connection, product_id: str,
                                state: ProductState) -> list[str]:
+    """Every order in memory has its row, as it stands; a row without an order in memory is of
+    an order the product forgot, which it does only once the order is settled."""
     rows = await conn.fetch(
         "SELECT id::text, status, refund_status, payment_id FROM orders WHERE product_id = $1",
         product_id,
     )
     stored = {row["id"]: (row["status"], row["refund_status"], row["payment_id"]) for row in rows}
-    logged = {
-        order_id: (o.status.value, o.refund_status.value, o.payment_id)
-        for order_id, o in state.orders.items()
-    }
-    differing = sorted(k for k in stored.keys() | logged.keys() if stored.get(k) != logged.get(k))
-    if not differing:
-        return []
-    return [f"product {product_id}: {len(differing)} orders differ between the WAL and the "
-            f"orders table, first {differing[0]}"]
+    problems = []
+    differing = sorted(
+        order_id for order_id, o in state.orders.items()
+        if stored.get(order_id) != (o.status.value, o.refund_status.value, o.payment_id)
+    )
+    if differing:
+        problems.append(f"product {product_id}: {len(differing)} orders differ between the WAL "
+                        f"and the orders table, first {differing[0]}")
+    unsettled = sorted(
+        order_id for order_id, (status, refund_status, _) in stored.items()
+        if order_id not in state.orders
+        and (OrderStatus(status) not in SETTLED_STATUSES
+             or refund_status == RefundStatus.PENDING.value)
+    )
+    if unsettled:
+        problems.append(f"product {product_id}: {len(unsettled)} unsettled orders are in the "
+                        f"orders table but not in the WAL's state, first {unsettled[0]}")
+    return problems

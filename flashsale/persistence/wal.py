@@ -13,8 +13,7 @@ from typing import NamedTuple
 
 import asyncpg
 
-from flashsale.actors.messages import Event, event_encoder
-from flashsale.actors.product import OrderRecord
+from flashsale.actors.messages import Event, OrderRecord, event_encoder
 from flashsale.persistence.frames import frame
 from flashsale.tasks import stop_task
 
