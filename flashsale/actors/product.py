@@ -45,8 +45,10 @@ class Policy(msgspec.Struct, frozen=True):
 
     hold_ttl_ms: int = 900_000
     cancel_window_ms: int = 86_400_000
-    # Settled orders stay in memory this long, for retries and webhooks that follow at once.
-    forget_settled_after_ms: int = 60_000
+    # Settled orders stay in memory this long. Only speed depends on it: the front end brings
+    # a forgotten order back with the commands about it. Short keeps memory near the live
+    # orders, also when holds churn fast.
+    forget_settled_after_ms: int = 1_000
 
 
 class ProductState(msgspec.Struct):

@@ -23,7 +23,8 @@ from flashsale.persistence.wal import QUEUE_DEPTH_MAX, OrderChanges, WalBroken, 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL_S = 0.2
-# Forgetting rebuilds the hold heap, so it waits for settled orders to gather.
+# Forgetting rebuilds the hold heap, so it waits until as many settled orders as holds are due,
+# or this long: a constant cost per forgotten order however many holds are live.
 FORGET_INTERVAL_S = 2.0
 RECOVERY_WAIT_S = 2.0
 RECONNECT_BACKOFF_MAX_S = 2.0
@@ -42,7 +43,7 @@ class ProductUnavailable(Exception):
 class ActorConfig(msgspec.Struct, frozen=True):
     dsn: str
     policy: Policy = Policy()
-    snapshot_every_events: int = 100_000  # at least; more once the state is larger
+    snapshot_every_events: int = 10_000  # at least; more once the state is larger
     queue_depth_max: int = QUEUE_DEPTH_MAX
 
 
@@ -236,7 +237,8 @@ class ProductActor:
             chores.append(ExpireHolds())
         forget_before = now - self._config.policy.forget_settled_after_ms
         if (state.settled and state.settled[0][0] <= forget_before
-                and now - self._forgot_at_ms >= FORGET_INTERVAL_S * 1000):
+                and (len(state.settled) >= len(state.holds)
+                     or now - self._forgot_at_ms >= FORGET_INTERVAL_S * 1000)):
             self._forgot_at_ms = now
             chores.append(ForgetSettled())
         return chores
