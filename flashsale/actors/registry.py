@@ -1,5 +1,7 @@
 """Finds or creates the product actors: one named, detached Ray actor per product."""
 
+import os
+
 import ray
 from ray.actor import ActorHandle
 
@@ -10,6 +12,14 @@ NAMESPACE = "flashsale"
 MAX_CONCURRENCY = 64
 
 _RemoteProductActor = ray.remote(ProductActor)
+
+
+def fail_calls_to_dead_actors_at_once() -> None:
+    """Call before ray.init in a process that calls product actors. By default Ray holds a call
+    to an actor that died for up to a second, to learn why it died; a caller here answers 503
+    and the client retries by idempotency key, so it wants the failure at once. (KubeRay sets
+    the same for Ray Serve.) An explicit setting in the environment wins."""
+    os.environ.setdefault("RAY_timeout_ms_task_wait_for_death_info", "0")
 
 
 def actor_name(product_id: str) -> str:
