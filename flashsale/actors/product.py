@@ -362,7 +362,9 @@ def apply(state: ProductState, event: Event) -> None:
                 heapq.heapify(state.holds)
             for order_id in order_ids:
                 order = state.orders.pop(order_id)
-                del state.order_by_key[order.user_id, order.idempotency_key]
+                slot = (order.user_id, order.idempotency_key)
+                if state.order_by_key[slot] == order_id:  # see `_index`
+                    del state.order_by_key[slot]
                 if order.payment_id is not None:
                     del state.order_by_payment[order.payment_id]
         case Restocked(quantity=quantity):

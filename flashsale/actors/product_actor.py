@@ -23,8 +23,8 @@ from flashsale.persistence.wal import QUEUE_DEPTH_MAX, OrderChanges, WalBroken, 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL_S = 0.2
-# Forgetting rebuilds the hold heap, so it waits until as many settled orders as holds are due,
-# or this long: a constant cost per forgotten order however many holds are live.
+# Forgetting rebuilds the hold heap, so it waits until the settled queue is as long as the heap,
+# or this long: a bounded cost per forgotten order however many holds are live.
 FORGET_INTERVAL_S = 2.0
 RECOVERY_WAIT_S = 2.0
 RECONNECT_BACKOFF_MAX_S = 2.0
