@@ -138,6 +138,8 @@ class Shoppers:
             self.now_ms += self.rng.randint(POLICY.hold_ttl_ms // 2, POLICY.cancel_window_ms)
         elif roll < 0.015:
             self.now_ms -= self.rng.randint(0, 5_000)  # the wall clock stepped back
+        elif roll < 0.3:
+            pass  # the actor decides a whole batch at one instant
         else:
             self.now_ms += self.rng.randint(0, 800)
 
