@@ -201,7 +201,7 @@ def simulate(seed: int, steps: int) -> Auditor:
         try:
             reply, events = execute(state, cmd, shoppers.now_ms, POLICY)
             auditor.record(state, cmd, reply, events)
-            if step % 250 == 0:
+            if step % 50 == 0:
                 assert auditor.shadow == state, "folded events differ from the live state"
                 assert decode_state(encode_state(state)) == state, "a snapshot differs"
         except AssertionError as error:

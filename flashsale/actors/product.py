@@ -62,7 +62,8 @@ class ProductState(msgspec.Struct):
     # (user_id, idempotency_key) -> order id; keys are scoped to the user.
     order_by_key: dict[tuple[str, str], str] = {}
     order_by_payment: dict[str, str] = {}
-    # (expires_at_ms, order_id) of pending orders; entries of settled orders are dropped lazily.
+    # (expires_at_ms, order_id) of pending orders; entries of orders that settled (or were
+    # forgotten since) leave lazily, when they reach the top.
     holds: list[tuple[int, str]] = []
     # (settled_at_ms, order_id) in the order orders settled: what ForgetSettled works through.
     settled: list[tuple[int, str]] = []
@@ -85,15 +86,16 @@ class Snapshot(msgspec.Struct, array_like=True, gc=False):
     stock: int
     last_seq: int
     orders: list[OrderRecord]
-    # (time, position in `orders`) of the state's holds and settled queue, in their order.
-    holds: list[tuple[int, int]]
+    # (time, position in `orders`) of the state's holds and settled queue, in their order; a
+    # hold of a forgotten order keeps its order's id instead.
+    holds: list[tuple[int, int | str]]
     settled: list[tuple[int, int]]
 
 
 def snapshot_of(state: ProductState) -> Snapshot:
     position = {order_id: i for i, order_id in enumerate(state.orders)}
     return Snapshot(state.terms, state.stock, state.last_seq, list(state.orders.values()),
-                    [(at, position[order_id]) for at, order_id in state.holds],
+                    [(at, position.get(order_id, order_id)) for at, order_id in state.holds],
                     [(at, position[order_id]) for at, order_id in state.settled])
 
 
@@ -105,7 +107,7 @@ def restore(snapshot: Snapshot) -> ProductState:
         snapshot.stock,
         orders={o.order_id: o for o in orders},
         order_by_payment={o.payment_id: o.order_id for o in orders if o.payment_id is not None},
-        holds=[(at, orders[i].order_id) for at, i in snapshot.holds],
+        holds=[(at, i if isinstance(i, str) else orders[i].order_id) for at, i in snapshot.holds],
         settled=[(at, orders[i].order_id) for at, i in snapshot.settled],
         last_seq=snapshot.last_seq,
     )
@@ -284,7 +286,7 @@ def due_holds(state: ProductState, now_ms: int) -> list[str]:
         expires_at_ms, order_id, index = heapq.heappop(frontier)
         if expires_at_ms > now_ms:
             break
-        if state.orders[order_id].status is OrderStatus.PENDING:
+        if _pending(state, order_id):
             due.append(order_id)
         for child in (2 * index + 1, 2 * index + 2):
             if child < len(state.holds):
@@ -357,9 +359,6 @@ def apply(state: ProductState, event: Event) -> None:
         case OrdersForgotten(order_ids=order_ids, consumed=consumed):
             gone = set(order_ids)
             state.settled = [entry for entry in state.settled[consumed:] if entry[1] not in gone]
-            if state.holds:  # a failed order's hold may still be in the heap, below the top
-                state.holds = [entry for entry in state.holds if entry[1] not in gone]
-                heapq.heapify(state.holds)
             for order_id in order_ids:
                 order = state.orders.pop(order_id)
                 slot = (order.user_id, order.idempotency_key)
@@ -391,9 +390,14 @@ def _add_units(state: ProductState, user_id: str, delta: int) -> None:
         del state.units_by_user[user_id]
 
 
+def _pending(state: ProductState, order_id: str) -> bool:
+    order = state.orders.get(order_id)
+    return order is not None and order.status is OrderStatus.PENDING
+
+
 def _drop_settled_holds(state: ProductState) -> None:
     holds = state.holds
-    while holds and state.orders[holds[0][1]].status is not OrderStatus.PENDING:
+    while holds and not _pending(state, holds[0][1]):
         heapq.heappop(holds)
 
 

@@ -23,9 +23,6 @@ from flashsale.persistence.wal import QUEUE_DEPTH_MAX, OrderChanges, WalBroken, 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL_S = 0.2
-# Forgetting rebuilds the hold heap, so it waits until the settled queue is as long as the heap,
-# or this long: a bounded cost per forgotten order however many holds are live.
-FORGET_INTERVAL_S = 2.0
 RECOVERY_WAIT_S = 2.0
 RECONNECT_BACKOFF_MAX_S = 2.0
 CONNECT_TIMEOUT_S = 5.0
@@ -109,7 +106,6 @@ class ProductActor:
         self._writer: WalWriter | None = None
         self._conn: asyncpg.Connection | None = None
         self._events_since_snapshot = 0
-        self._forgot_at_ms = 0
         loop = asyncio.get_running_loop()  # Ray runs an async actor's constructor in its loop
         self._recovery = loop.create_task(self._recover())
         self._timer = loop.create_task(self._keep_house_forever())
@@ -236,9 +232,6 @@ class ProductActor:
         if state.holds and state.holds[0][0] <= now:
             chores.append(ExpireHolds())
         forget_before = now - self._config.policy.forget_settled_after_ms
-        if (state.settled and state.settled[0][0] <= forget_before
-                and (len(state.settled) >= len(state.holds)
-                     or now - self._forgot_at_ms >= FORGET_INTERVAL_S * 1000)):
-            self._forgot_at_ms = now
+        if state.settled and state.settled[0][0] <= forget_before:
             chores.append(ForgetSettled())
         return chores
