@@ -21,7 +21,9 @@ _events_decoder = msgspec.msgpack.Decoder(list[Event])
 _snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
 _snapshot_encoder = msgspec.msgpack.Encoder()
 
-RECORDS_PREFETCH = 64
+# A record can hold tens of thousands of events (megabytes): fetching 64 at a time left a
+# churned sale's actor 64 MB after recovery, 16 at a time 57-59 MB, for the same recovery time.
+RECORDS_PREFETCH = 16
 
 
 class Corruption(NamedTuple):
