@@ -11,8 +11,11 @@ from typing import Any
 from conftest import ApiFactory
 from helpers import SANDBOX_SECRET, Api
 
-from flashsale.payments.provider import EventKind
+from flashsale.actors.messages import Rejection
+from flashsale.http.routes_payments import decide_payment
+from flashsale.payments.provider import EventKind, PaymentEvent
 from flashsale.payments.sandbox import SandboxGateway
+from flashsale.persistence.orders import order_by_id
 from flashsale.persistence.replay import decode_state
 
 PRICE = 49_900
@@ -242,3 +245,28 @@ async def test_orders_the_product_forgot_still_answer_retries_payments_and_cance
     assert (order["status"], order["refund_status"]) == ("confirmed", "none")
     counts = await actor.counts.remote()
     assert (counts.available, counts.sold) == (1, 1)
+
+
+async def test_a_payment_sent_with_a_row_older_than_the_products_memory_still_lands(
+    make_api: ApiFactory,
+) -> None:
+    """The race a busy product allows: the webhook read the order while it was pending, and by
+    the time the capture reached the product the order had failed and been forgotten."""
+    api = await make_api(forget_settled_after_ms=200)
+    product_id = await api.sale(stock=2)
+    token, placed = await shopper_with_order(api, product_id)
+    stale = await order_by_id(api.engine.db, placed["order_id"])
+    _, webhooks = await checkout(api, placed["payment_url"])
+    await press(api, webhooks, "fail")
+    actor = api.engine.router.actor(product_id)
+    deadline = time.monotonic() + 15
+    while placed["order_id"] in decode_state(await actor.snapshot.remote()).orders:
+        assert time.monotonic() < deadline, "the failed order was never forgotten"
+        await asyncio.sleep(0.1)
+
+    capture = PaymentEvent("evt_stale", EventKind.CAPTURED, placed["order_id"], "pay_stale",
+                           PRICE, "INR")
+    reply = await decide_payment(api.engine, capture, stale)
+    assert not isinstance(reply, Rejection)
+    order = await order_of(api, token, placed["order_id"])
+    assert (order["status"], order["payment_id"]) == ("confirmed", "pay_stale")

@@ -14,9 +14,10 @@ from flashsale.actors.messages import (
     Rejection,
     SettleRefund,
 )
+from flashsale.actors.product import Reply
 from flashsale.actors.product_actor import ProductUnavailable
 from flashsale.http.checkout_page import checkout_page, settled_page
-from flashsale.http.engine import ENGINE
+from flashsale.http.engine import ENGINE, Engine
 from flashsale.http.problems import ApiError
 from flashsale.http.schemas import json_response, rfc3339_ms
 from flashsale.payments.provider import (
@@ -122,12 +123,24 @@ async def _process(request: web.Request, event: PaymentEvent | None) -> str:
     if mismatch:
         return f"rejected: {mismatch}"
     try:
-        reply = await engine.router.submit(order["product_id"], _command(event, order))
+        reply = await decide_payment(engine, event, order)
     except ProductUnavailable as error:  # not recorded as done: the redelivery is processed
         raise ApiError("unavailable", str(error)) from None
     if isinstance(reply, Rejection):
         return f"rejected: {reply.value}"
     return "processed"
+
+
+async def decide_payment(engine: Engine, event: PaymentEvent, order: asyncpg.Record) -> Reply:
+    """Hand a verified payment event to the order's product. A product forgets an order only
+    once it has settled and its row says so; a capture that finds its order forgotten was sent
+    with an older row, so it goes again with the row as it stands now."""
+    reply = await engine.router.submit(order["product_id"], _command(event, order))
+    if reply is Rejection.NOT_FOUND and event.kind is EventKind.CAPTURED:
+        current = await order_by_id(engine.db, order["id"])
+        if current is not None and current["updated_at_ms"] != order["updated_at_ms"]:
+            reply = await engine.router.submit(order["product_id"], _command(event, current))
+    return reply
 
 
 async def webhooks_health(request: web.Request) -> web.Response:
