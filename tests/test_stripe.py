@@ -161,7 +161,8 @@ async def test_a_refund_survives_gateway_errors_and_a_lost_response(
 
 async def test_a_session_is_closed_once_the_hold_lapses(make_api: Any,
                                                         stub: StripeStub) -> None:
-    api = await stripe_api(make_api, stub, hold_ttl_ms=1_000)
+    # Long enough for the payment link to be opened first on a busy machine.
+    api = await stripe_api(make_api, stub, hold_ttl_ms=3_000)
     token, placed, session = await opened_checkout(api, stub)
     for _ in range(100):
         if session["id"] in stub.expired:
