@@ -1,15 +1,20 @@
-"""Helpers for tests that talk to a real engine over HTTP."""
+"""Helpers for tests that talk to a real engine over HTTP or to its product actors."""
 
+import asyncio
 import datetime as dt
 import itertools
 import socket
+import time
 import uuid
 from typing import Any
 
 import aiohttp
 from multidict import CIMultiDictProxy
+from ray.actor import ActorHandle
 
+from flashsale.actors.product import ProductState
 from flashsale.http.engine import Engine
+from flashsale.persistence.replay import decode_state
 from flashsale.persistence.users import ensure_admin
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-keys"
@@ -78,3 +83,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def live_state(actor: ActorHandle) -> ProductState:
+    return decode_state(await actor.snapshot.remote())
+
+
+async def forgotten(actor: ActorHandle, order_id: str, timeout_s: float = 15) -> ProductState:
+    """The actor's state once it has forgotten the order (it forgets settled ones)."""
+    deadline = time.monotonic() + timeout_s
+    while (state := await live_state(actor)).orders.get(order_id) is not None:
+        assert time.monotonic() < deadline, f"order {order_id} was never forgotten"
+        await asyncio.sleep(0.1)
+    return state

@@ -14,6 +14,7 @@ import asyncpg
 import msgspec
 import pytest
 import ray
+from helpers import forgotten, live_state
 from ray.actor import ActorHandle
 
 from flashsale.actors.messages import (
@@ -25,13 +26,13 @@ from flashsale.actors.messages import (
     PlaceOrder,
     Rejection,
 )
-from flashsale.actors.product import ProductState, Reply
+from flashsale.actors.product import Reply
 from flashsale.actors.product_actor import ProductUnavailable, send
 from flashsale.ids import uuid7
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
 from flashsale.persistence.orders import order_by_id, order_record
-from flashsale.persistence.replay import decode_state, rebuild, report
+from flashsale.persistence.replay import rebuild, report
 
 ProductFactory = Callable[..., Awaitable[tuple[str, ActorHandle]]]
 
@@ -40,10 +41,6 @@ CallFailed = (ray.exceptions.RayError, ProductUnavailable)
 
 def place(quantity: int = 1) -> PlaceOrder:
     return PlaceOrder(uuid7(), str(uuid.uuid4()), str(uuid.uuid4()), quantity)
-
-
-async def live_state(actor: ActorHandle) -> ProductState:
-    return decode_state(await actor.snapshot.remote())
 
 
 async def send_until_decided(actor: ActorHandle, commands: list[Command],
@@ -294,14 +291,6 @@ async def test_holds_expire_within_a_second_with_no_request(
     assert 0 <= row["late_s"] <= 1.0
     counts = await actor.counts.remote()
     assert (counts.available, counts.reserved) == (5, 0)
-
-
-async def forgotten(actor: ActorHandle, order_id: str, timeout_s: float = 10) -> ProductState:
-    deadline = time.monotonic() + timeout_s
-    while (state := await live_state(actor)).orders.get(order_id) is not None:
-        assert time.monotonic() < deadline, f"order {order_id} was never forgotten"
-        await asyncio.sleep(0.1)
-    return state
 
 
 async def test_settled_orders_leave_memory_and_the_read_model_brings_them_back(
