@@ -15,7 +15,7 @@ import asyncpg
 
 from flashsale.actors.messages import Event, OrderRecord, event_encoder
 from flashsale.persistence.frames import frame
-from flashsale.tasks import stop_task
+from flashsale.tasks import LoopThread, stop_task
 
 QUEUE_DEPTH_MAX = 256
 EVENTS_PER_FLUSH_MAX = 50_000
@@ -92,17 +92,30 @@ def _changed_columns(orders: Iterable[OrderRecord]) -> list[list[object]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
+def _resolve(batch: list[_Append]) -> None:
+    for item in batch:
+        if not item.durable.done():  # its caller may have given up waiting
+            item.durable.set_result(None)
+
+
 class WalWriter:
-    def __init__(self, conn: asyncpg.Connection, product_id: str,
+    """Appends come from the owner's event loop. The connection lives on `io`, a loop of its own,
+    so PostgreSQL works through one flush while the owner decides the next batches, instead of
+    each step of a flush waiting for the owner to finish a batch."""
+
+    def __init__(self, conn: asyncpg.Connection, product_id: str, io: LoopThread,
                  queue_depth_max: int = QUEUE_DEPTH_MAX) -> None:
-        self._conn = conn
+        self.conn = conn
         self._product_id = product_id
+        self._io = io
+        self._owner = asyncio.get_running_loop()
         self._queue_depth_max = queue_depth_max
         self._queue: deque[_Append] = deque()
-        self._wakeup = asyncio.Event()
+        self._wakeup = asyncio.Event()  # set and awaited on `io` only
         self._last: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        io.loop.call_soon_threadsafe(self._start)
 
     def has_room(self) -> bool:
         return self.failure is None and len(self._queue) < self._queue_depth_max
@@ -113,22 +126,26 @@ class WalWriter:
             raise WalBroken("the write-ahead log failed earlier") from self.failure
         if len(self._queue) >= self._queue_depth_max:
             raise WalOverloaded(f"{len(self._queue)} appends are waiting for the disk")
-        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        durable: asyncio.Future[None] = self._owner.create_future()
         self._queue.append(_Append(first_seq, events, orders, currency, snapshot, durable))
         self._last = durable
-        self._wakeup.set()
+        self._io.loop.call_soon_threadsafe(self._wakeup.set)
         return durable
 
     def durable(self) -> asyncio.Future[None]:
         """Resolves once everything appended so far is committed."""
         if self._last is None:
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done: asyncio.Future[None] = self._owner.create_future()
             done.set_result(None)
             return done
         return self._last
 
     async def close(self) -> None:
-        await stop_task(self._task)
+        """Stop flushing; the caller owns the connection."""
+        await self._io.run(stop_task(self._task))
+
+    def _start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         while True:
@@ -139,12 +156,11 @@ class WalWriter:
                 try:
                     await self._flush(batch)
                 except BaseException as error:  # noqa: BLE001 - every waiter must hear of it
-                    self._fail(batch, error)
+                    self._owner.call_soon_threadsafe(self._fail, batch, error)
                     if not isinstance(error, Exception):
                         raise
                     return
-                for item in batch:
-                    item.durable.set_result(None)
+                self._owner.call_soon_threadsafe(_resolve, batch)
 
     def _take_batch(self) -> list[_Append]:
         batch = [self._queue.popleft()]
@@ -162,32 +178,32 @@ class WalWriter:
         orders = _merge(batch)
         snapshots = [item.snapshot for item in batch if item.snapshot is not None]
         first_seq = batch[0].first_seq
-        async with self._conn.transaction():
+        async with self.conn.transaction():
             if events:
-                await self._conn.execute(
+                await self.conn.execute(
                     "INSERT INTO wal (product_id, first_seq, last_seq, record) "
                     "VALUES ($1, $2, $3, $4)",
                     self._product_id, first_seq, first_seq + len(events) - 1,
                     frame(event_encoder.encode(events)),
                 )
             if orders.placed:
-                await self._conn.copy_records_to_table(
+                await self.conn.copy_records_to_table(
                     "orders", columns=ORDER_COLUMNS,
                     records=_new_rows(self._product_id, batch[-1].currency,
                                       orders.placed.values()),
                 )
             if orders.changed:
-                await self._conn.execute(_UPDATE_ORDERS,
-                                         *_changed_columns(orders.changed.values()))
+                await self.conn.execute(_UPDATE_ORDERS,
+                                        *_changed_columns(orders.changed.values()))
             for seq, state in snapshots:
                 await self._write_snapshot(seq, state)
 
     async def _write_snapshot(self, seq: int, state: bytes) -> None:
-        await self._conn.execute(
+        await self.conn.execute(
             "INSERT INTO snapshots (product_id, seq, record) VALUES ($1, $2, $3)",
             self._product_id, seq, frame(state),
         )
-        await self._conn.execute(
+        await self.conn.execute(
             """DELETE FROM snapshots WHERE product_id = $1 AND seq < (
                    SELECT min(seq) FROM (SELECT seq FROM snapshots WHERE product_id = $1
                                          ORDER BY seq DESC LIMIT $2) AS kept)""",
@@ -195,6 +211,7 @@ class WalWriter:
         )
 
     def _fail(self, batch: list[_Append], error: BaseException) -> None:
+        """On the owner's loop, so no append slips in between failing and refusing."""
         self.failure = error
         for item in [*batch, *self._queue]:
             if not item.durable.done():
