@@ -38,7 +38,7 @@ from flashsale.actors.product_actor import (
     now_ms,
     send,
 )
-from flashsale.actors.registry import fail_calls_to_dead_actors_at_once, product_actor
+from flashsale.actors.registry import configure_ray, product_actor
 from flashsale.ids import uuid7
 from flashsale.persistence.embedded import POSTGRES_BIN_PATH, EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
@@ -228,7 +228,7 @@ def run_core(quick: bool, out_dir: Path) -> CoreResult:
         workdir = Path(scratch)
         server = EmbeddedPostgres(workdir).start()
         os.environ.pop("RAY_ADDRESS", None)  # measure on a local instance of our own
-        fail_calls_to_dead_actors_at_once()
+        configure_ray()
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             result = uvloop.run(measure(server, quick, workdir))

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from flashsale.actors.product import Policy
 from flashsale.actors.product_actor import ActorConfig
-from flashsale.actors.registry import NAMESPACE, fail_calls_to_dead_actors_at_once
+from flashsale.actors.registry import NAMESPACE, configure_ray
 from flashsale.config import ConfigError, Settings, stored_secret
 from flashsale.http.app import create_app
 from flashsale.http.engine import Engine, start_engine
@@ -43,7 +43,7 @@ def start_ray(address: str | None) -> None:
     for name in ("ray._private.worker",
                  "ray._private.authentication.authentication_token_setup"):
         logging.getLogger(name).addFilter(_DropRayNotices())
-    fail_calls_to_dead_actors_at_once()
+    configure_ray()
     # "local" always starts a new instance: never join a Ray that happens to run here.
     ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False,
              log_to_driver=False, logging_level=logging.WARNING)

@@ -17,7 +17,7 @@ from ray.actor import ActorHandle
 from flashsale.actors.messages import DefineProduct, ProductTerms
 from flashsale.actors.product import Policy
 from flashsale.actors.product_actor import ActorConfig, send
-from flashsale.actors.registry import fail_calls_to_dead_actors_at_once, product_actor
+from flashsale.actors.registry import configure_ray, product_actor
 from flashsale.config import Limit
 from flashsale.http.app import create_app
 from flashsale.http.engine import Engine, start_engine
@@ -71,7 +71,7 @@ async def database_dsn(embedded_pg: EmbeddedPostgres, template_database: str) ->
 def ray_session() -> Iterator[None]:
     """One local Ray instance for the whole session (it takes seconds to start)."""
     os.environ.pop("RAY_ADDRESS", None)
-    fail_calls_to_dead_actors_at_once()
+    configure_ray()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
