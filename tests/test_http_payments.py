@@ -263,3 +263,18 @@ async def test_a_payment_sent_with_a_row_older_than_the_products_memory_still_la
     assert not isinstance(reply, Rejection)
     order = await order_of(api, token, placed["order_id"])
     assert (order["status"], order["payment_id"]) == ("confirmed", "pay_stale")
+
+
+async def test_a_payment_id_confirms_one_order_even_across_products(api: Api) -> None:
+    """Each product knows only its own orders: the read model keeps a payment id to one."""
+    first_token, first = await shopper_with_order(api, await api.sale(stock=1))
+    second_token, second = await shopper_with_order(api, await api.sale(stock=1))
+    gateway = SandboxGateway(SANDBOX_SECRET, "")
+    for placed in (first, second):
+        body = gateway.event(EventKind.CAPTURED, placed["order_id"], "pay_shared", PRICE, "INR")
+        status, reply = await send(api, body, gateway.sign(body))
+        assert status == 200
+    assert (reply["status"], reply["outcome"]) == (
+        "ignored", "rejected: the payment id belongs to another order")
+    assert (await order_of(api, first_token, first["order_id"]))["status"] == "confirmed"
+    assert (await order_of(api, second_token, second["order_id"]))["status"] == "pending"

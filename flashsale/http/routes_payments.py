@@ -27,7 +27,7 @@ from flashsale.payments.provider import (
     PaymentEvent,
     PaymentOrder,
 )
-from flashsale.persistence.orders import order_by_id, order_record
+from flashsale.persistence.orders import order_by_id, order_paid_by, order_record
 from flashsale.persistence.payments import (
     keep_payment_session,
     payment_session,
@@ -87,6 +87,18 @@ def _mismatch(event: PaymentEvent, order: asyncpg.Record) -> str | None:
     return None
 
 
+async def _paid_for_another_order(engine: Engine, event: PaymentEvent,
+                                  order: asyncpg.Record) -> str | None:
+    """A product knows only the payment ids of the orders in its memory; the read model knows
+    those of every order, on every product."""
+    if event.kind is not EventKind.CAPTURED:
+        return None
+    holder = await order_paid_by(engine.db, event.payment_id)
+    if holder is None or holder == order["id"]:
+        return None
+    return "the payment id belongs to another order"
+
+
 async def webhook(request: web.Request) -> web.Response:
     """Signature first; then dedupe, keep the payload, check it against the order, and hand
     the outcome to the product's actor, which changes an order once whatever the order."""
@@ -119,9 +131,9 @@ async def _process(request: web.Request, event: PaymentEvent | None) -> str:
         order = None
     if order is None:
         return "ignored: unknown order"
-    mismatch = _mismatch(event, order)
-    if mismatch:
-        return f"rejected: {mismatch}"
+    problem = _mismatch(event, order) or await _paid_for_another_order(engine, event, order)
+    if problem:
+        return f"rejected: {problem}"
     try:
         reply = await decide_payment(engine, event, order)
     except ProductUnavailable as error:  # not recorded as done: the redelivery is processed

@@ -29,6 +29,11 @@ async def orders_of_user(db: asyncpg.Pool, user_id: str, status: str | None, lim
     return rows, total
 
 
+async def order_paid_by(db: asyncpg.Pool, payment_id: str) -> str | None:
+    """The id of the order that holds this payment id, if any."""
+    return await db.fetchval("SELECT id::text FROM orders WHERE payment_id = $1", payment_id)
+
+
 def order_record(row: asyncpg.Record) -> OrderRecord:
     """A row of the read model as the product actor knows orders."""
     return OrderRecord(
