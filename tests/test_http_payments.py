@@ -234,6 +234,11 @@ async def test_orders_the_product_forgot_still_answer_retries_payments_and_cance
     assert (status, body["code"]) == (422, "idempotency_key_reused")
     status, body, _ = await api.call("POST", f"/orders/{placed['order_id']}/cancel", token, {})
     assert (status, body["code"]) == (409, "invalid_order_state")
+    # The gateway reporting the failure again, as a new event, changes nothing, as in memory.
+    gateway = SandboxGateway(SANDBOX_SECRET, "")
+    again = gateway.event(EventKind.FAILED, placed["order_id"], "pay_f", PRICE, "INR")
+    assert await send(api, again, gateway.sign(again)) == (
+        200, {"status": "processed", "outcome": "processed"})
     # A late payment brings the order back: confirmed, the unit taken again.
     status, reply = await press(api, webhooks, "pay")
     assert (status, reply["status"]) == (200, "processed")

@@ -11,6 +11,7 @@ from flashsale.actors.messages import (
     Command,
     FailPayment,
     OrderStatus,
+    RefundStatus,
     Rejection,
     SettleRefund,
 )
@@ -87,6 +88,17 @@ def _mismatch(event: PaymentEvent, order: asyncpg.Record) -> str | None:
     return None
 
 
+def _changes_nothing(event: PaymentEvent, order: asyncpg.Record) -> bool:
+    """A failure reported once the order has left pending, or a refund's outcome once the
+    refund has settled: the product would change nothing, and may have forgotten the order."""
+    match event.kind:
+        case EventKind.FAILED:
+            return order["status"] != OrderStatus.PENDING.value
+        case EventKind.REFUNDED | EventKind.REFUND_FAILED:
+            return order["refund_status"] != RefundStatus.PENDING.value
+    return False
+
+
 async def _paid_for_another_order(engine: Engine, event: PaymentEvent,
                                   order: asyncpg.Record) -> str | None:
     """A product knows only the payment ids of the orders in its memory; the read model knows
@@ -134,6 +146,8 @@ async def _process(request: web.Request, event: PaymentEvent | None) -> str:
     problem = _mismatch(event, order) or await _paid_for_another_order(engine, event, order)
     if problem:
         return f"rejected: {problem}"
+    if _changes_nothing(event, order):
+        return "processed"
     try:
         reply = await decide_payment(engine, event, order)
     except ProductUnavailable as error:  # not recorded as done: the redelivery is processed
