@@ -50,10 +50,54 @@ HOT_ROW_UPDATE = "UPDATE products SET stock = stock - 1 WHERE id = 1 AND stock >
 CHURN_LANES = 4  # shoppers' rounds in flight at once on the churned sale
 
 
+class CpuPerReservation(msgspec.Struct):
+    """Microseconds of CPU per reservation while the reservations ran, by process."""
+
+    actor: float
+    postgres: float
+    driver: float  # this process: sending batches and reading replies
+    ray: float  # Ray's other processes: raylet, GCS, idle workers
+
+
+class CpuMeter:
+    """CPU time used by the processes of each part of the run, between `start` and `stop`."""
+
+    def __init__(self, actor_pid: int, postmaster_pid: int) -> None:
+        postmaster = psutil.Process(postmaster_pid)
+        postgres = [postmaster, *postmaster.children()]
+        driver = psutil.Process()
+        skip = {actor_pid, *(p.pid for p in postgres)}
+        ray_others = [p for p in driver.children(recursive=True) if p.pid not in skip]
+        self._parts = {"actor": [psutil.Process(actor_pid)], "postgres": postgres,
+                       "driver": [driver], "ray": ray_others}
+        self._started: dict[str, float] = {}
+
+    def _seconds(self) -> dict[str, float]:
+        return {part: sum(_cpu_seconds(p) for p in processes)
+                for part, processes in self._parts.items()}
+
+    def start(self) -> None:
+        self._started = self._seconds()
+
+    def stop(self, reservations: int) -> CpuPerReservation:
+        ended = self._seconds()
+        return CpuPerReservation(**{
+            part: (ended[part] - self._started[part]) / reservations * 1e6 for part in ended})
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.NoSuchProcess:  # a backend or worker that ended: its time is not counted
+        return 0.0
+    return times.user + times.system
+
+
 class CoreResult(msgspec.Struct):
     reservations_per_s: float
     batch_size: int
     reservations: int
+    cpu_us_per_reservation: CpuPerReservation
     pgbench_tps: float
     ratio: float
     # The churned sale: a long WAL, a state of a few thousand orders.
@@ -75,13 +119,19 @@ def say(message: str) -> None:
     print(f"[bench core] {message}", flush=True)
 
 
-async def reserve(actor: ray.actor.ActorHandle, reservations: int) -> float:
-    """Durable reservations per second, with a few batches in flight so commits group."""
-    blobs = [
+def reservation_batches(reservations: int) -> list[bytes]:
+    """Encoded batches of PlaceOrder commands, each for a new shopper; built before the clock
+    starts."""
+    return [
         encode_commands([PlaceOrder(uuid7(), str(uuid.uuid4()), "k", 1)
                          for _ in range(BATCH_SIZE)])
         for _ in range(reservations // BATCH_SIZE)
     ]
+
+
+async def reserve(actor: ray.actor.ActorHandle, blobs: list[bytes]) -> float:
+    """Durable reservations per second, with a few batches in flight so commits group."""
+    reservations = len(blobs) * BATCH_SIZE
     gate = asyncio.Semaphore(CALLS_IN_FLIGHT)
     done = 0
 
@@ -185,7 +235,11 @@ async def measure(server: EmbeddedPostgres, quick: bool, workdir: Path) -> CoreR
     hot = product_actor(hot_id, config)
     await define(hot, hot_id, stock=2_000_000_000)
     say(f"reserving {reservations:,} units in batches of {BATCH_SIZE:,}")
-    per_s = await reserve(hot, reservations)
+    batches = reservation_batches(reservations)
+    meter = CpuMeter(await hot.pid.remote(), server.pid)
+    meter.start()
+    per_s = await reserve(hot, batches)
+    cpu = meter.stop(reservations)
     say(f"  {per_s:,.0f} durable reservations/s")
 
     seconds = 5 if quick else 15
@@ -217,7 +271,7 @@ async def measure(server: EmbeddedPostgres, quick: bool, workdir: Path) -> CoreR
     _, bare_uss = memory_mb(await bare.pid.remote())
     for actor in (churned, bare):
         ray.kill(actor, no_restart=True)
-    return CoreResult(per_s, BATCH_SIZE, reservations, tps, per_s / tps, recovery_s, events,
+    return CoreResult(per_s, BATCH_SIZE, reservations, cpu, tps, per_s / tps, recovery_s, events,
                       actor_rss, actor_uss, running_uss, hot_recovery_s, hot_events, hot_uss,
                       bare_uss)
 
@@ -244,6 +298,9 @@ def run_core(quick: bool, out_dir: Path) -> CoreResult:
 def print_table(r: CoreResult) -> None:
     rows = [
         ("durable reservations/s", f"{r.reservations_per_s:,.0f}", ">= 200,000"),
+        ("CPU per reservation, µs", "actor {actor:.1f}, PostgreSQL {postgres:.1f}, "
+         "driver {driver:.1f}, Ray {ray:.1f}".format(**msgspec.structs.asdict(
+             r.cpu_us_per_reservation)), ""),
         ("pgbench hot-row UPDATE tps", f"{r.pgbench_tps:,.0f}", ""),
         ("ratio", f"{r.ratio:.1f}x", ">= 40x"),
         ("churned sale: recovery", f"{r.recovery_s:.2f} s ({r.recovery_events:,} events)",

@@ -39,6 +39,14 @@ class EmbeddedPostgres:
         log.info("embedded PostgreSQL ready in %s", self.pgdata)
         return self
 
+    @property
+    def pid(self) -> int:
+        """The postmaster's process id."""
+        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        if info is None:
+            raise RuntimeError("the embedded PostgreSQL server is not running")
+        return info.pid
+
     def _running(self) -> bool:
         info = PostmasterInfo.read_from_pgdata(self.pgdata)
         return info is not None and info.is_running()
