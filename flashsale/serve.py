@@ -66,7 +66,7 @@ def payment_provider(settings: Settings) -> PaymentProvider:
         return RazorpayGateway(env["RAZORPAY_KEY_ID"], env["RAZORPAY_KEY_SECRET"],
                                env["RAZORPAY_WEBHOOK_SECRET"],
                                env.get("FLASHSALE_RAZORPAY_API_BASE") or None)
-    secret = os.environ.get("FLASHSALE_SANDBOX_WEBHOOK_SECRET") or stored_secret(
+    secret = env.get("FLASHSALE_SANDBOX_WEBHOOK_SECRET") or stored_secret(
         settings.data_dir, "sandbox_webhook_secret")
     return SandboxGateway(secret, f"{settings.base_url}/webhooks/sandbox")
 

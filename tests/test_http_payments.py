@@ -262,6 +262,10 @@ async def test_a_payment_sent_with_a_row_older_than_the_products_memory_still_la
     actor = api.engine.router.actor(product_id)
     await forgotten(actor, placed["order_id"])
 
+    # A repeated failure read with the same old row changes nothing, and is not refused.
+    failure = PaymentEvent("evt_stale_fail", EventKind.FAILED, placed["order_id"], "pay_stale",
+                           PRICE, "INR")
+    assert not isinstance(await decide_payment(api.engine, failure, stale), Rejection)
     capture = PaymentEvent("evt_stale", EventKind.CAPTURED, placed["order_id"], "pay_stale",
                            PRICE, "INR")
     reply = await decide_payment(api.engine, capture, stale)

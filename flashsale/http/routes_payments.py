@@ -146,8 +146,6 @@ async def _process(request: web.Request, event: PaymentEvent | None) -> str:
     problem = _mismatch(event, order) or await _paid_for_another_order(engine, event, order)
     if problem:
         return f"rejected: {problem}"
-    if _changes_nothing(event, order):
-        return "processed"
     try:
         reply = await decide_payment(engine, event, order)
     except ProductUnavailable as error:  # not recorded as done: the redelivery is processed
@@ -158,15 +156,22 @@ async def _process(request: web.Request, event: PaymentEvent | None) -> str:
 
 
 async def decide_payment(engine: Engine, event: PaymentEvent, order: asyncpg.Record) -> Reply:
-    """Hand a verified payment event to the order's product. A product forgets an order only
-    once it has settled and its row says so; a capture that finds its order forgotten was sent
-    with an older row, so it goes again with the row as it stands now."""
-    reply = await engine.router.submit(order["product_id"], _command(event, order))
-    if reply is Rejection.NOT_FOUND and event.kind is EventKind.CAPTURED:
+    """Hand a verified payment event to the order's product, unless the order's row shows it
+    would change nothing. A product forgets an order only once it has settled and its row says
+    so; an event that finds its order forgotten was judged on an older row, so it is judged
+    again on the row as it stands now."""
+    reply = await _decide_on(engine, event, order)
+    if reply is Rejection.NOT_FOUND:
         current = await order_by_id(engine.db, order["id"])
         if current is not None and current["updated_at_ms"] != order["updated_at_ms"]:
-            reply = await engine.router.submit(order["product_id"], _command(event, current))
+            reply = await _decide_on(engine, event, current)
     return reply
+
+
+async def _decide_on(engine: Engine, event: PaymentEvent, order: asyncpg.Record) -> Reply:
+    if _changes_nothing(event, order):
+        return order_record(order)
+    return await engine.router.submit(order["product_id"], _command(event, order))
 
 
 async def webhooks_health(request: web.Request) -> web.Response:
