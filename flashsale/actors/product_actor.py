@@ -92,10 +92,10 @@ def writer_lock_key(product_id: str) -> int:
 
 
 def _order_changes(state: ProductState, events: list[Event]) -> OrderChanges:
-    changes = OrderChanges({}, {})
+    changes = OrderChanges([], {})
     for event in events:
         if isinstance(event, OrderPlaced):
-            changes.placed[event.order_id] = state.orders[event.order_id]
+            changes.placed.append(event)
         elif order_id := getattr(event, "order_id", None):
             changes.changed[order_id] = state.orders[order_id]
     return changes
