@@ -297,10 +297,7 @@ def due_holds(state: ProductState, now_ms: int) -> list[str]:
 def apply(state: ProductState, event: Event) -> None:
     """Fold one logged event into the state. Validation happened in `decide`: this never fails."""
     match event:
-        case ProductDefined(terms=terms, stock=stock):
-            state.terms = terms
-            state.stock = stock
-        case OrderPlaced():
+        case OrderPlaced():  # first: the most frequent event by far
             state.orders[event.order_id] = OrderRecord(
                 event.order_id,
                 event.user_id,
@@ -318,6 +315,9 @@ def apply(state: ProductState, event: Event) -> None:
             state.order_by_key[event.user_id, event.idempotency_key] = event.order_id
             heapq.heappush(state.holds, (event.expires_at_ms, event.order_id))
             return  # a new hold settles none
+        case ProductDefined(terms=terms, stock=stock):
+            state.terms = terms
+            state.stock = stock
         case OrderRecalled(order=order):
             state.orders[order.order_id] = order
             _index(state, order)
@@ -404,7 +404,11 @@ def _drop_settled_holds(state: ProductState) -> None:
 def reply_for(state: ProductState, cmd: Command) -> OrderRecord | None:
     """The order a command concerns, as it stands after the command."""
     match cmd:
-        case PlaceOrder():
+        case PlaceOrder(order_id=order_id):
+            placed = state.orders.get(order_id)  # the common case: this command placed it
+            if placed is not None and placed.user_id == cmd.user_id \
+                    and placed.idempotency_key == cmd.idempotency_key:
+                return placed
             return _placed_with_key(state, cmd)
         case CapturePayment(order_id=order_id, known=known):
             return state.orders.get(order_id, known)
