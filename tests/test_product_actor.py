@@ -293,6 +293,32 @@ async def test_holds_expire_within_a_second_with_no_request(
     assert (counts.available, counts.reserved) == (5, 0)
 
 
+async def test_orders_placed_and_settled_in_one_commit_are_stored_as_they_end(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    product_id, actor = await products(stock=3)
+    paid, failed, waiting = place(), place(), place()
+    replies = await send(actor, [paid, failed, waiting,
+                                 CapturePayment(paid.order_id, "pay-1", 1_000, "INR"),
+                                 FailPayment(failed.order_id)])
+    assert [r.status for r in replies if isinstance(r, OrderRecord)] == [
+        OrderStatus.PENDING, OrderStatus.PENDING, OrderStatus.PENDING,
+        OrderStatus.CONFIRMED, OrderStatus.FAILED]
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        stored = {row["id"]: tuple(row.values())[1:] for row in await conn.fetch(
+            "SELECT id::text, status, payment_id, confirmed_at_ms IS NOT NULL, refund_status, "
+            "refund_amount_minor FROM orders WHERE product_id = $1", product_id)}
+        assert (await report(conn, product_id, verify=True)).problems == []
+    finally:
+        await conn.close()
+    assert stored == {
+        paid.order_id: ("confirmed", "pay-1", True, "none", 0),
+        failed.order_id: ("failed", None, False, "none", 0),
+        waiting.order_id: ("pending", None, False, "none", 0),
+    }
+
+
 async def test_settled_orders_leave_memory_and_the_read_model_brings_them_back(
     products: ProductFactory, database_dsn: str
 ) -> None:
