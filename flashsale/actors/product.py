@@ -406,8 +406,8 @@ def reply_for(state: ProductState, cmd: Command) -> OrderRecord | None:
     match cmd:
         case PlaceOrder(order_id=order_id):
             placed = state.orders.get(order_id)  # the common case: this command placed it
-            if placed is not None and placed.user_id == cmd.user_id \
-                    and placed.idempotency_key == cmd.idempotency_key:
+            if placed is not None and (placed.user_id == cmd.user_id
+                                       and placed.idempotency_key == cmd.idempotency_key):
                 return placed
             return _placed_with_key(state, cmd)
         case CapturePayment(order_id=order_id, known=known):
