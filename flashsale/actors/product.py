@@ -46,9 +46,10 @@ class Policy(msgspec.Struct, frozen=True):
     hold_ttl_ms: int = 900_000
     cancel_window_ms: int = 86_400_000
     # Settled orders stay in memory this long. Only speed depends on it: the front end brings
-    # a forgotten order back with the commands about it. Short keeps memory near the live
-    # orders, also when holds churn fast.
-    forget_settled_after_ms: int = 1_000
+    # a forgotten order back with the commands about it (it reads the read model for every
+    # order and webhook anyway). Short keeps memory near the live orders, also when holds churn
+    # fast: a sale churning 50,000 events/s kept 66-69 MB at 200 ms against 83-84 MB at 1 s.
+    forget_settled_after_ms: int = 200
 
 
 class ProductState(msgspec.Struct):
