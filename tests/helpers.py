@@ -3,6 +3,7 @@
 import asyncio
 import datetime as dt
 import itertools
+import random
 import socket
 import time
 import uuid
@@ -79,10 +80,21 @@ class Api:
         return status, body
 
 
+# Below Linux's ephemeral range (32768 and up) and above Ray's worker ports (10002-19999). A
+# port the kernel hands out (bind to port 0) may be handed to a Ray process too: `flashsale serve`
+# starts Ray before it listens, and Ray picks its own ports the same way.
+_TEST_PORTS = range(20_000, 32_000)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    while True:
+        port = random.choice(_TEST_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 async def live_state(actor: ActorHandle) -> ProductState:
