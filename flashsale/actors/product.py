@@ -112,7 +112,7 @@ def restore(snapshot: Snapshot) -> ProductState:
         settled=[(at, orders[i].order_id) for at, i in snapshot.settled],
         last_seq=snapshot.last_seq,
     )
-    units, by_key = state.units_by_user, state.order_by_key
+    by_key = state.order_by_key
     for o in orders:
         by_key.setdefault((o.user_id, o.idempotency_key), o.order_id)  # as `_index` does
         if o.status is OrderStatus.PENDING:
@@ -121,7 +121,7 @@ def restore(snapshot: Snapshot) -> ProductState:
             state.sold += o.quantity
         else:
             continue
-        units[o.user_id] = units.get(o.user_id, 0) + o.quantity
+        _add_units(state, o.user_id, o.quantity)
     return state
 
 
@@ -311,8 +311,7 @@ def apply(state: ProductState, event: Event) -> None:
                 event.at_ms,
             )
             state.reserved += event.quantity
-            units = state.units_by_user
-            units[event.user_id] = units.get(event.user_id, 0) + event.quantity
+            _add_units(state, event.user_id, event.quantity)
             state.order_by_key[event.user_id, event.idempotency_key] = event.order_id
             heapq.heappush(state.holds, (event.expires_at_ms, event.order_id))
             return  # a new hold settles none
