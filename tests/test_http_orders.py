@@ -239,3 +239,21 @@ async def test_an_unreachable_product_is_a_fast_503_with_retry_after(api: Api) -
         {"X-Idempotency-Key": "while-down"})
     assert (status, body["code"], headers["Retry-After"]) == (503, "unavailable", "1")
     assert time.monotonic() - started < 5  # refused at once, not after a wait
+
+
+async def test_one_key_sent_to_two_products_at_once_places_one_order(api: Api) -> None:
+    """The key holds across products even when both requests are decided at the same time, and
+    the collision costs nobody else their answer."""
+    first, second = await api.sale(stock=100, limit=10), await api.sale(stock=100, limit=10)
+    _, token = await api.register()
+    bystanders = [api.engine.tokens.access_token(str(uuid.uuid4())) for _ in range(10)]
+    for round_ in range(5):
+        key = f"both-{round_}"
+        replies = await asyncio.gather(
+            api.order(token, first, key=key), api.order(token, second, key=key),
+            *(api.order(b, pid) for b in bystanders for pid in (first, second)))
+        mine, theirs = replies[:2], replies[2:]
+        assert sorted(status for status, _ in mine) == [201, 422], mine
+        assert {status for status, _ in theirs} == {201}, theirs
+    _, page, _ = await api.call("GET", "/orders", token)
+    assert page["total"] == 5

@@ -20,7 +20,7 @@ from flashsale.http.problems import ApiError
 from flashsale.http.ratelimit import RateLimiter
 from flashsale.payments.provider import PaymentProvider
 from flashsale.payments.worker import PaymentWorker
-from flashsale.persistence.orders import order_record, orders_with_keys
+from flashsale.persistence.orders import claim_keys, order_record
 
 POOL_SIZE_MAX = 10
 
@@ -62,20 +62,20 @@ class Engine:
     async def _screen_keys(self, product_id: str,
                            commands: list[Command]) -> list[Command | Rejection]:
         """Idempotency keys are scoped to the user across products and kept longer than an actor
-        remembers settled orders: one query per batch finds the orders already placed with the
-        batch's keys. A key spent on another product is refused; an order of this product goes
-        along with its command, for the actor to answer with if it has forgotten the order."""
+        remembers settled orders: one statement per batch claims the batch's keys for this
+        product and finds the orders already placed with them. A key another product holds is
+        refused; an order of this product goes along with its command, for the actor to answer
+        with if it has forgotten the order."""
         places = [(i, c) for i, c in enumerate(commands) if isinstance(c, PlaceOrder)]
         if not places:
             return list(commands)
-        found = await orders_with_keys(self.db, [c.user_id for _, c in places],
-                                       [c.idempotency_key for _, c in places])
+        found = await claim_keys(self.db, product_id, [c.user_id for _, c in places],
+                                 [c.idempotency_key for _, c in places])
         screened: list[Command | Rejection] = list(commands)
-        for position, row in found.items():
+        for position, (elsewhere, row) in found.items():
             i, cmd = places[position]
-            screened[i] = (msgspec.structs.replace(cmd, known=order_record(row))
-                           if row["product_id"] == product_id
-                           else Rejection.IDEMPOTENCY_KEY_REUSED)
+            screened[i] = (Rejection.IDEMPOTENCY_KEY_REUSED if elsewhere
+                           else msgspec.structs.replace(cmd, known=order_record(row)))
         return screened
 
     async def start(self) -> None:

@@ -44,13 +44,32 @@ def order_record(row: asyncpg.Record) -> OrderRecord:
     )
 
 
-async def orders_with_keys(db: asyncpg.Pool, user_ids: list[str],
-                           keys: list[str]) -> dict[int, asyncpg.Record]:
-    """The orders already placed with these (user, key) pairs, by the pair's 0-based position."""
+async def claim_keys(db: asyncpg.Pool, product_id: str, user_ids: list[str],
+                     keys: list[str]) -> dict[int, tuple[bool, asyncpg.Record]]:
+    """Claim these (user, key) pairs for `product_id` in one statement. Returns, by the pair's
+    0-based position, whether another product holds the key, and the order placed with it if
+    any. Pairs claimed now, or before by this product without an order yet, are left out.
+
+    A claim another transaction is making is waited for, so of two batches sending one key to
+    two products, exactly one claims it. Keys are claimed in a fixed order, so two batches
+    sharing keys cannot deadlock."""
     rows = await db.fetch(
-        f"""SELECT k.position - 1 AS position, {_COLUMNS}
-            FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS k(user_id, key, position)
-            JOIN orders o ON o.user_id = k.user_id AND o.idempotency_key = k.key""",
-        user_ids, keys,
+        f"""WITH batch AS (
+                SELECT * FROM unnest($2::uuid[], $3::text[])
+                    WITH ORDINALITY AS b(user_id, key, position)),
+            claim AS (
+                INSERT INTO key_claims (user_id, idempotency_key, product_id)
+                SELECT DISTINCT user_id, key, $1::uuid FROM batch ORDER BY user_id, key
+                ON CONFLICT (user_id, idempotency_key) DO UPDATE
+                    SET product_id = key_claims.product_id  -- no change: only to return it
+                    WHERE key_claims.product_id <> excluded.product_id
+                RETURNING user_id, idempotency_key AS key, product_id)
+            SELECT b.position - 1 AS position,
+                   c.product_id <> $1::uuid OR o.product_id <> $1::uuid AS elsewhere, {_COLUMNS}
+            FROM batch b
+            LEFT JOIN claim c USING (user_id, key)
+            LEFT JOIN orders o ON o.user_id = b.user_id AND o.idempotency_key = b.key
+            WHERE c.product_id <> $1::uuid OR o.id IS NOT NULL""",
+        product_id, user_ids, keys,
     )
-    return {row["position"]: row for row in rows}
+    return {row["position"]: (bool(row["elsewhere"]), row) for row in rows}
