@@ -133,6 +133,8 @@ def bearer_user(request: web.Request, tokens: Tokens, deactivated: DeactivatedUs
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise ApiError("invalid_token", "an Authorization: Bearer token is required", _BEARER)
+    if not token.isascii():  # a JWT is ASCII; aiohttp passes other bytes on as surrogates
+        raise ApiError("invalid_token", "the token is malformed", _BEARER)
     user_id = tokens.user_of(token.strip())
     if user_id in deactivated.ids:
         raise ApiError("invalid_token", "the account is deactivated", _BEARER)

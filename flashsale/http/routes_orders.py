@@ -47,6 +47,8 @@ def _idempotency_key(request: web.Request) -> str:
     key = request.headers.get("X-Idempotency-Key", "").strip()
     if not key:
         raise ApiError("idempotency_key_missing")
+    if not (key.isascii() and key.isprintable()):  # a Structured Header String, as in the draft
+        raise ApiError("validation_error", "X-Idempotency-Key must be printable ASCII")
     if len(key.encode()) > IDEMPOTENCY_KEY_BYTES_MAX:
         raise ApiError("validation_error",
                        f"X-Idempotency-Key is longer than {IDEMPOTENCY_KEY_BYTES_MAX} bytes")
@@ -90,7 +92,7 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise ApiError("validation_error", f"{name} must be an integer from {low} to {high}")
     return int(raw)
 

@@ -119,6 +119,9 @@ async def webhook(request: web.Request) -> web.Response:
     if request.match_info["provider"] != provider.name:
         raise ApiError("not_found", f"payments go through {provider.name} here")
     raw = await request.read()
+    if not request.headers.get(provider.signature_header, "").isascii():
+        # Signatures are hex or base64; the SDKs' hmac comparisons fail on anything else.
+        raise ApiError("invalid_token", f"{provider.signature_header} is not a signature")
     try:
         event = provider.verify_webhook(raw, request.headers)
     except BadSignature as error:

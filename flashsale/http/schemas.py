@@ -10,10 +10,14 @@ from aiohttp import web
 
 from flashsale.http.problems import ApiError
 
-Email = Annotated[str, msgspec.Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=254)]
+# PostgreSQL text cannot hold NUL: refused here, a NUL would fail the query that stores it.
+NO_NUL = r"^[^\x00]*$"
+Text = Annotated[str, msgspec.Meta(pattern=NO_NUL)]
+Email = Annotated[str, msgspec.Meta(pattern=r"^[^@\s\x00]+@[^@\s\x00]+\.[^@\s\x00]+$",
+                                    max_length=254)]
 Phone = Annotated[str, msgspec.Meta(pattern=r"^\+[1-9][0-9]{1,14}$")]
-FullName = Annotated[str, msgspec.Meta(min_length=2, max_length=100)]
-Address = Annotated[str, msgspec.Meta(max_length=500)]
+FullName = Annotated[str, msgspec.Meta(min_length=2, max_length=100, pattern=NO_NUL)]
+Address = Annotated[str, msgspec.Meta(max_length=500, pattern=NO_NUL)]
 Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
 AwareTime = Annotated[dt.datetime, msgspec.Meta(tz=True)]
 
@@ -24,18 +28,18 @@ class Request(msgspec.Struct, forbid_unknown_fields=True):
 
 class RegisterRequest(Request):
     email: Email
-    password: str
+    password: Text
     full_name: FullName
     phone: Phone | None = None
 
 
 class LoginRequest(Request):
-    email: str
-    password: str
+    email: Text
+    password: Text
 
 
 class RefreshRequest(Request):
-    refresh_token: str
+    refresh_token: Text
 
 
 class PatchMeRequest(Request):
@@ -45,12 +49,12 @@ class PatchMeRequest(Request):
 
 
 class ChangePasswordRequest(Request):
-    current_password: str
-    new_password: str
+    current_password: Text
+    new_password: Text
 
 
 class ProductCreate(Request):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
     price: Annotated[int, msgspec.Meta(ge=0, le=10**12)]
     stock: Annotated[int, msgspec.Meta(ge=0, le=10**9)]
     sale_starts_at: AwareTime
@@ -69,7 +73,7 @@ class OrderCreate(Request):
 
 
 class CancelRequest(Request):
-    reason: Annotated[str, msgspec.Meta(max_length=500)] | None = None
+    reason: Annotated[str, msgspec.Meta(max_length=500, pattern=NO_NUL)] | None = None
 
 
 class UserView(msgspec.Struct):

@@ -45,6 +45,7 @@ class GatewayError(Exception):
 
 class PaymentProvider(Protocol):
     name: str
+    signature_header: str  # the webhook header holding the signature
 
     async def start_checkout(self, order: PaymentOrder, return_url: str) -> Checkout: ...
 

@@ -54,6 +54,7 @@ class _Event(msgspec.Struct):
 
 class RazorpayGateway:
     name = "razorpay"
+    signature_header = "X-Razorpay-Signature"
 
     def __init__(self, key_id: str, key_secret: str, webhook_secret: str,
                  api_base: str | None = None, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
@@ -89,7 +90,7 @@ class RazorpayGateway:
                          headers={"X-Refund-Idempotency": idempotency_key})
 
     def verify_webhook(self, raw: bytes, headers: Mapping[str, str]) -> PaymentEvent | None:
-        signature = headers.get("X-Razorpay-Signature", "")
+        signature = headers.get(self.signature_header, "")
         try:
             self._client.utility.verify_webhook_signature(raw.decode(), signature,
                                                           self._webhook_secret)
@@ -109,7 +110,9 @@ class RazorpayGateway:
         if order_id is None:
             return None
         payment_id = entity.payment_id or entity.id
-        event_id = headers.get("X-Razorpay-Event-Id") or f"{event.event}:{entity.id}"
+        event_id = headers.get("X-Razorpay-Event-Id", "")  # outside the signature: checked
+        if not (event_id and event_id.isascii() and event_id.isprintable()):
+            event_id = f"{event.event}:{entity.id}"
         return PaymentEvent(event_id, kind, order_id, payment_id, entity.amount, entity.currency)
 
     async def close(self) -> None:

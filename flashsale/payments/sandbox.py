@@ -42,6 +42,7 @@ class SandboxEvent(msgspec.Struct, forbid_unknown_fields=True):
 
 class SandboxGateway:
     name = "sandbox"
+    signature_header = SIGNATURE_HEADER
 
     def __init__(self, secret: str, webhook_url: str) -> None:
         self._key = secret.encode()

@@ -53,6 +53,7 @@ _REFUND_KINDS = {"succeeded": EventKind.REFUNDED, "failed": EventKind.REFUND_FAI
 
 class StripeGateway:
     name = "stripe"
+    signature_header = "Stripe-Signature"
 
     def __init__(self, api_key: str, webhook_secret: str, api_base: str | None = None) -> None:
         self._webhook_secret = webhook_secret
@@ -103,7 +104,7 @@ class StripeGateway:
 
     def verify_webhook(self, raw: bytes, headers: Mapping[str, str]) -> PaymentEvent | None:
         try:
-            stripe.WebhookSignature.verify_header(raw, headers.get("Stripe-Signature"),
+            stripe.WebhookSignature.verify_header(raw, headers.get(self.signature_header),
                                                   self._webhook_secret, SIGNATURE_TOLERANCE_S)
         except stripe.SignatureVerificationError as error:
             raise BadSignature(str(error)) from None

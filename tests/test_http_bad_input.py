@@ -1,0 +1,63 @@
+"""Input no client should send is refused with a 4xx, never a 500: bytes that are not UTF-8 or
+ASCII where tokens, keys and signatures go, and NUL, which PostgreSQL text cannot hold."""
+
+import asyncio
+import json
+import uuid
+
+import yarl
+from helpers import Api
+
+
+async def raw_status(api: Api, method: str, path: str, headers: dict[str, bytes],
+                     body: object = None) -> tuple[int, str]:
+    """Sends header bytes as given (aiohttp's client would refuse them); (status, code)."""
+    url = yarl.URL(api.engine.base_url)
+    payload = json.dumps(body).encode() if body is not None else b""
+    head = [f"{method} {path} HTTP/1.1".encode(), b"Host: x", b"Connection: close",
+            b"Content-Type: application/json", f"Content-Length: {len(payload)}".encode()]
+    head += [name.encode() + b": " + value for name, value in headers.items()]
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(b"\r\n".join(head) + b"\r\n\r\n" + payload)
+    reply = await reader.read()
+    writer.close()
+    status = int(reply.split(b" ", 2)[1])
+    return status, json.loads(reply.partition(b"\r\n\r\n")[2] or b"{}").get("code", "")
+
+
+async def test_malformed_header_bytes_are_refused(api: Api) -> None:
+    product_id = await api.sale(stock=5)
+    _, token = await api.register()
+    order = {"product_id": product_id, "quantity": 1}
+    bearer = b"Bearer " + token.encode()
+    for key in (b"\xff\xfe", "ключ".encode(), b"tab\there"):
+        assert await raw_status(api, "POST", "/orders", {
+            "Authorization": bearer, "X-Idempotency-Key": key}, order) == (400, "validation_error")
+    assert await raw_status(api, "POST", "/orders", {
+        "Authorization": bearer, "X-Idempotency-Key": b"fine-1"}, order) == (201, "")
+    for bad in (b"Bearer \xff", "Bearer токен".encode()):
+        assert await raw_status(api, "GET", "/orders", {"Authorization": bad}) == (
+            401, "invalid_token")
+    for signature in (b"\xff", "подпись".encode()):
+        assert await raw_status(api, "POST", "/webhooks/sandbox",
+                                {"X-Sandbox-Signature": signature}, {"type": "x"}) == (
+            401, "invalid_token")
+    status, body, _ = await api.call("GET", "/orders?limit=²", token)
+    assert (status, body["code"]) == (400, "validation_error")
+
+
+async def test_nul_in_text_is_refused(api: Api) -> None:
+    good = {"email": f"nul-{uuid.uuid4().hex[:6]}@example.com", "password": "sale-day-1",
+            "full_name": "Nul Tester"}
+    for field in good:
+        status, body, _ = await api.call("POST", "/auth/register",
+                                         body={**good, field: good[field] + "\x00"})
+        assert (status, body["code"]) == (400, "validation_error"), field
+    status, body, _ = await api.call("POST", "/auth/login",
+                                     body={"email": "a\x00@example.com", "password": "x"})
+    assert (status, body["code"]) == (400, "validation_error")
+    sale = {"name": "bad\x00name", "price": 1, "stock": 1,
+            "sale_starts_at": "2026-01-01T00:00:00Z", "sale_ends_at": "2030-01-01T00:00:00Z"}
+    status, body, _ = await api.call("POST", "/products", await api.admin(), sale)
+    assert (status, body["code"]) == (400, "validation_error")
+    assert (await api.call("POST", "/auth/register", body=good))[0] == 201
