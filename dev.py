@@ -3,7 +3,7 @@
 
     python3 dev.py serve [OPTIONS]   the engine on embedded defaults (`flashsale serve OPTIONS`)
     python3 dev.py test [ARGS]       the whole test suite (`pytest ARGS`)
-    python3 dev.py lint              ruff and mypy on the package
+    python3 dev.py lint              ruff and mypy on the package, its tests and bench
     python3 dev.py flashsale ARGS    any `flashsale` command (replay, ...)
     python3 dev.py bench ARGS        the load-test harness (`python -m bench ARGS`)
 
@@ -61,7 +61,7 @@ def command_for(action: str, args: list[str]) -> list[str]:
 
 def lint() -> int:
     ruff = subprocess.run([str(BIN / "ruff"), "check", "flashsale", "tests", "bench"], cwd=ROOT)
-    mypy = subprocess.run([str(BIN / "mypy"), "flashsale"], cwd=ROOT)
+    mypy = subprocess.run([str(BIN / "mypy"), "flashsale", "tests", "bench"], cwd=ROOT)
     return ruff.returncode or mypy.returncode
 
 

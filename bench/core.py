@@ -267,7 +267,7 @@ async def measure(server: EmbeddedPostgres, quick: bool, workdir: Path) -> CoreR
     actor_rss, actor_uss = memory_mb(await churned.pid.remote())
     say(f"  served again after {recovery_s:.2f} s with {events:,} events; "
         f"USS {actor_uss:.0f} MB, RSS {actor_rss:.0f} MB")
-    bare = _BareActor.remote()  # type: ignore[attr-defined]
+    bare = _BareActor.remote()
     _, bare_uss = memory_mb(await bare.pid.remote())
     for actor in (churned, bare):
         ray.kill(actor, no_restart=True)

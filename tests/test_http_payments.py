@@ -45,7 +45,7 @@ async def press(api: Api, webhooks: dict[str, Any], button: str) -> tuple[int, A
 async def order_of(api: Api, token: str, order_id: str) -> dict[str, Any]:
     status, order, _ = await api.call("GET", f"/orders/{order_id}", token)
     assert status == 200
-    return order  # type: ignore[no-any-return]
+    return order
 
 
 async def wait_for(api: Api, token: str, order_id: str, field: str, value: str,

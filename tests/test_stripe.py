@@ -28,7 +28,7 @@ async def stub() -> AsyncIterator[StripeStub]:
 
 
 async def stripe_api(make_api: Any, stub: StripeStub, hold_ttl_ms: int = 600_000) -> Api:
-    return await make_api(  # type: ignore[no-any-return]
+    return await make_api(
         lambda _: StripeGateway("sk_test_key", WEBHOOK_SECRET, api_base=stub.url),
         hold_ttl_ms=hold_ttl_ms)
 

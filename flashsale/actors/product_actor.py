@@ -11,6 +11,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 
 import asyncpg
 import msgspec
@@ -55,7 +56,7 @@ class ProductCounts(msgspec.Struct, frozen=True):
     last_seq: int
 
 
-def encode_commands(commands: list[Command]) -> bytes:
+def encode_commands(commands: Sequence[Command]) -> bytes:
     return _commands_encoder.encode(commands)
 
 
@@ -73,12 +74,12 @@ def decode_decided(blob: bytes) -> Decided:
     return _decided_decoder.decode(blob)
 
 
-async def send_batch(actor: ActorHandle, commands: list[Command]) -> Decided:
+async def send_batch(actor: ActorHandle, commands: Sequence[Command]) -> Decided:
     """One actor call for a batch of commands; raises ProductUnavailable if none was decided."""
     return decode_decided(await actor.handle.remote(encode_commands(commands)))
 
 
-async def send(actor: ActorHandle, commands: list[Command]) -> list[Reply]:
+async def send(actor: ActorHandle, commands: Sequence[Command]) -> list[Reply]:
     return (await send_batch(actor, commands)).replies
 
 
