@@ -152,6 +152,25 @@ async def test_idempotency_keys_replay_and_conflict(api: Api) -> None:
     assert page["total"] == 1
 
 
+async def test_a_key_refused_once_places_its_order_on_retry_and_lists_it(api: Api) -> None:
+    """A key keeps the order id of its first attempt: the order a retry places is the one the
+    key names, and the user's list finds it."""
+    product_id = await api.sale(stock=1, limit=1)
+    _, first = await api.register()
+    _, second = await api.register()
+    assert (await api.order(first, product_id))[0] == 201
+    status, body = await api.order(second, product_id, key="try-again")
+    assert (status, body["code"]) == (409, "out_of_stock")
+    status, _, _ = await api.call("POST", f"/products/{product_id}/restock", await api.admin(),
+                                  {"quantity": 1})
+    assert status == 200
+    status, placed = await api.order(second, product_id, key="try-again")
+    assert status == 201
+    _, page, _ = await api.call("GET", "/orders", second)
+    assert [o["id"] for o in page["orders"]] == [placed["order_id"]] and page["total"] == 1
+    assert await api.order(second, product_id, key="try-again") == (201, placed)
+
+
 async def test_identical_requests_at_the_same_instant_make_one_order(api: Api) -> None:
     product_id = await api.sale(stock=10, limit=10)
     _, token = await api.register()

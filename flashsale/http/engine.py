@@ -63,19 +63,23 @@ class Engine:
                            commands: list[Command]) -> list[Command | Rejection]:
         """Idempotency keys are scoped to the user across products and kept longer than an actor
         remembers settled orders: one statement per batch claims the batch's keys for this
-        product and finds the orders already placed with them. A key another product holds is
-        refused; an order of this product goes along with its command, for the actor to answer
-        with if it has forgotten the order."""
+        product (see `claim_keys`). A key another product holds is refused; a key claimed here
+        before sends its command with the claim's order id, and with the order if it was
+        placed, for the actor to answer with if it has forgotten the order."""
         places = [(i, c) for i, c in enumerate(commands) if isinstance(c, PlaceOrder)]
         if not places:
             return list(commands)
         found = await claim_keys(self.db, product_id, [c.user_id for _, c in places],
-                                 [c.idempotency_key for _, c in places])
+                                 [c.idempotency_key for _, c in places],
+                                 [c.order_id for _, c in places])
         screened: list[Command | Rejection] = list(commands)
-        for position, (elsewhere, row) in found.items():
+        for position, claim in found.items():
             i, cmd = places[position]
-            screened[i] = (Rejection.IDEMPOTENCY_KEY_REUSED if elsewhere
-                           else msgspec.structs.replace(cmd, known=order_record(row)))
+            screened[i] = (
+                Rejection.IDEMPOTENCY_KEY_REUSED if claim["claimed_for"] != product_id
+                else msgspec.structs.replace(
+                    cmd, order_id=claim["claimed_order"],
+                    known=order_record(claim) if claim["id"] is not None else None))
         return screened
 
     async def start(self) -> None:

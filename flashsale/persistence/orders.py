@@ -22,10 +22,15 @@ async def order_by_id(db: asyncpg.Pool, order_id: str) -> asyncpg.Record | None:
 
 async def orders_of_user(db: asyncpg.Pool, user_id: str, status: str | None, limit: int,
                          offset: int) -> tuple[list[asyncpg.Record], int]:
-    where = "o.user_id = $1 AND ($2::text IS NULL OR o.status = $2)"
-    rows = await db.fetch(f"{_ORDERS} WHERE {where} ORDER BY o.id DESC LIMIT $3 OFFSET $4",
-                          user_id, status, limit, offset)
-    total = await db.fetchval(f"SELECT count(*) FROM orders o WHERE {where}", user_id, status)
+    """A user's orders, found through the keys they were placed with (see `claim_keys`)."""
+    mine = "FROM key_claims c JOIN orders o ON o.id = c.order_id"
+    where = "c.user_id = $1 AND ($2::text IS NULL OR o.status = $2)"
+    rows = await db.fetch(
+        f"""SELECT {_COLUMNS}, s.provider AS payment_provider
+            {mine} LEFT JOIN payment_sessions s ON s.order_id = o.id
+            WHERE {where} ORDER BY o.id DESC LIMIT $3 OFFSET $4""",
+        user_id, status, limit, offset)
+    total = await db.fetchval(f"SELECT count(*) {mine} WHERE {where}", user_id, status)
     return rows, total
 
 
@@ -44,32 +49,32 @@ def order_record(row: asyncpg.Record) -> OrderRecord:
     )
 
 
-async def claim_keys(db: asyncpg.Pool, product_id: str, user_ids: list[str],
-                     keys: list[str]) -> dict[int, tuple[bool, asyncpg.Record]]:
-    """Claim these (user, key) pairs for `product_id` in one statement. Returns, by the pair's
-    0-based position, whether another product holds the key, and the order placed with it if
-    any. Pairs claimed now, or before by this product without an order yet, are left out.
+async def claim_keys(db: asyncpg.Pool, product_id: str, user_ids: list[str], keys: list[str],
+                     order_ids: list[str]) -> dict[int, asyncpg.Record]:
+    """Claim these (user, key) pairs for `product_id`, each with the order id its command would
+    place, in one statement. Keys claimed before come back, by their 0-based position in the
+    batch, with the product and order id of their claim (`claimed_for`, `claimed_order`) and
+    that order's columns if it was placed (NULL if not yet); keys claimed now are left out.
 
     A claim another transaction is making is waited for, so of two batches sending one key to
     two products, exactly one claims it. Keys are claimed in a fixed order, so two batches
     sharing keys cannot deadlock."""
-    rows = await db.fetch(
+    return {row["position"]: row for row in await db.fetch(
         f"""WITH batch AS (
-                SELECT * FROM unnest($2::uuid[], $3::text[])
-                    WITH ORDINALITY AS b(user_id, key, position)),
+                SELECT * FROM unnest($2::uuid[], $3::text[], $4::uuid[])
+                    WITH ORDINALITY AS b(user_id, key, order_id, position)),
             claim AS (
-                INSERT INTO key_claims (user_id, idempotency_key, product_id)
-                SELECT DISTINCT user_id, key, $1::uuid FROM batch ORDER BY user_id, key
+                INSERT INTO key_claims (user_id, idempotency_key, product_id, order_id)
+                SELECT DISTINCT ON (user_id, key) user_id, key, $1::uuid, order_id FROM batch
+                ORDER BY user_id, key
                 ON CONFLICT (user_id, idempotency_key) DO UPDATE
                     SET product_id = key_claims.product_id  -- no change: only to return it
-                    WHERE key_claims.product_id <> excluded.product_id
-                RETURNING user_id, idempotency_key AS key, product_id)
-            SELECT b.position - 1 AS position,
-                   c.product_id <> $1::uuid OR o.product_id <> $1::uuid AS elsewhere, {_COLUMNS}
+                RETURNING user_id, idempotency_key AS key, product_id, order_id)
+            SELECT b.position - 1 AS position, c.product_id::text AS claimed_for,
+                   c.order_id::text AS claimed_order, {_COLUMNS}
             FROM batch b
-            LEFT JOIN claim c USING (user_id, key)
-            LEFT JOIN orders o ON o.user_id = b.user_id AND o.idempotency_key = b.key
-            WHERE c.product_id <> $1::uuid OR o.id IS NOT NULL""",
-        product_id, user_ids, keys,
-    )
-    return {row["position"]: (bool(row["elsewhere"]), row) for row in rows}
+            JOIN claim c USING (user_id, key)
+            LEFT JOIN orders o ON o.id = c.order_id
+            WHERE c.order_id <> b.order_id""",
+        product_id, user_ids, keys, order_ids,
+    )}
