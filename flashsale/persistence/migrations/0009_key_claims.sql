@@ -5,8 +5,8 @@
 -- failed on orders_by_user_key, failing every order in its batch.
 --
 -- The claims also find a user's orders (through the order id), so the orders table, written in
--- the commit every shopper waits for, keeps only its primary key: an index by user cost
--- PostgreSQL about 1.9 µs of the 4.5 µs it spends on each new order's row.
+-- the commit every shopper waits for, keeps only its primary key. Without the index by user,
+-- PostgreSQL's CPU per reservation in `bench core` fell from 4.5-5.8 to 2.7-3.5 µs.
 CREATE TABLE key_claims (
     user_id uuid NOT NULL,
     idempotency_key text NOT NULL,
