@@ -45,3 +45,12 @@ def test_payments_know_nothing_of_ray_or_the_actors() -> None:
         for module in imports_of(path):
             assert module.split(".")[0] != "ray", path.name
             assert not module.startswith("flashsale.actors"), path.name
+
+
+def test_timeouts_use_asyncio_timeout_not_wait_for() -> None:
+    """Python 3.11's asyncio.wait_for swallows a cancel that meets the awaited result in the
+    same loop iteration; a background task cancelled that way runs on, and stopping it hangs."""
+    for path in modules_in("."):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "wait_for":
+                raise AssertionError(f"{path.relative_to(PACKAGE)} uses wait_for")

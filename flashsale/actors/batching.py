@@ -78,8 +78,8 @@ class ProductBatcher:
             to_send = [(i, v) for i, v in enumerate(verdicts) if not isinstance(v, Rejection)]
             replies: list[Reply] = [v if isinstance(v, Rejection) else None for v in verdicts]
             if to_send:
-                decided = await asyncio.wait_for(
-                    send_batch(self._actor, [cmd for _, cmd in to_send]), CALL_TIMEOUT_S)
+                async with asyncio.timeout(CALL_TIMEOUT_S):
+                    decided = await send_batch(self._actor, [cmd for _, cmd in to_send])
                 for (i, _), reply in zip(to_send, decided.replies, strict=True):
                     replies[i] = reply
                 self._on_counts(self._product_id, decided.counts)
@@ -125,14 +125,15 @@ class ProductRouter:
     async def define(self, product_id: str, cmd: DefineProduct) -> Reply:
         """Define a sale on its (new) actor: not on the order path, so it waits for start-up."""
         try:
-            [reply] = await asyncio.wait_for(send(self.actor(product_id), [cmd]),
-                                             ACTOR_START_TIMEOUT_S)
+            async with asyncio.timeout(ACTOR_START_TIMEOUT_S):
+                [reply] = await send(self.actor(product_id), [cmd])
         except (ray.exceptions.RayError, TimeoutError) as error:
             raise ProductUnavailable(f"product {product_id}: {type(error).__name__}") from None
         return reply
 
     async def counts(self, product_id: str) -> ProductCounts:
         try:
-            return await asyncio.wait_for(self.actor(product_id).counts.remote(), CALL_TIMEOUT_S)
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                return await self.actor(product_id).counts.remote()
         except (ray.exceptions.RayError, TimeoutError) as error:
             raise ProductUnavailable(f"product {product_id}: {type(error).__name__}") from None

@@ -179,7 +179,8 @@ class ProductActor:
 
     async def _ready(self) -> WalWriter:
         try:
-            await asyncio.wait_for(asyncio.shield(self._recovery), RECOVERY_WAIT_S)
+            async with asyncio.timeout(RECOVERY_WAIT_S):
+                await asyncio.shield(self._recovery)
         except TimeoutError:
             raise ProductUnavailable("the product is recovering") from None
         assert self._writer is not None
