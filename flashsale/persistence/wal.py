@@ -163,6 +163,7 @@ class WalWriter:
                         raise
                     return
                 self._owner.call_soon_threadsafe(_resolve, batch)
+                del batch  # an idle writer keeps no events alive
 
     def _take_batch(self) -> list[_Append]:
         batch = [self._queue.popleft()]
