@@ -218,7 +218,7 @@ async def test_payment_links_are_signed_per_order(api: Api) -> None:
 async def test_orders_the_product_forgot_still_answer_retries_payments_and_cancels(
     make_api: ApiFactory,
 ) -> None:
-    api = await make_api(forget_settled_after_ms=200)
+    api = await make_api(forget_settled_after_ms=0)
     product_id = await api.sale(stock=2)
     _, token = await api.register()
     status, placed = await api.order(token, product_id, key="forgotten-key")
@@ -253,7 +253,7 @@ async def test_a_payment_sent_with_a_row_older_than_the_products_memory_still_la
 ) -> None:
     """The race a busy product allows: the webhook read the order while it was pending, and by
     the time the capture reached the product the order had failed and been forgotten."""
-    api = await make_api(forget_settled_after_ms=200)
+    api = await make_api(forget_settled_after_ms=0)
     product_id = await api.sale(stock=2)
     token, placed = await shopper_with_order(api, product_id)
     stale = await order_by_id(api.engine.db, placed["order_id"])

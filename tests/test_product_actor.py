@@ -319,10 +319,30 @@ async def test_orders_placed_and_settled_in_one_commit_are_stored_as_they_end(
     }
 
 
+async def test_a_later_batch_forgets_a_settled_order_never_the_batch_that_settles_it(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    """Forgetting an order in the batch that settles it would lose the row its commit writes."""
+    product_id, actor = await products(stock=2, forget_settled_after_ms=0)
+    first, second = place(), place()
+    await send(actor, [first, second])
+    for order in (first, second):  # the second batch forgets the first order, then fails one
+        [failed] = await send(actor, [FailPayment(order.order_id)])
+        assert isinstance(failed, OrderRecord) and failed.status is OrderStatus.FAILED
+    assert first.order_id not in (await live_state(actor)).orders
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        rows = await conn.fetch("SELECT status FROM orders WHERE product_id = $1", product_id)
+        assert [row["status"] for row in rows] == ["failed", "failed"]
+        assert (await report(conn, product_id, verify=True)).problems == []
+    finally:
+        await conn.close()
+
+
 async def test_settled_orders_leave_memory_and_the_read_model_brings_them_back(
     products: ProductFactory, database_dsn: str
 ) -> None:
-    product_id, actor = await products(stock=2, forget_settled_after_ms=200)
+    product_id, actor = await products(stock=2, forget_settled_after_ms=0)
     first, second = place(), place()
     [order, kept] = await send(actor, [first, second])
     assert isinstance(order, OrderRecord) and isinstance(kept, OrderRecord)

@@ -115,13 +115,14 @@ class FailPayment(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=Fal
 
 
 class ExpireHolds(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
-    """Expire every pending order whose hold has lapsed (the actor's timer sends it)."""
+    """Expire every pending order whose hold has lapsed (the actor runs it before a batch, or
+    on its timer)."""
 
 
 class ForgetSettled(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):
-    """Let go of orders settled a while ago (the actor's timer sends it), so memory and
-    snapshots follow the live orders, not the sale's history. They stay in the read model, and
-    a command about one brings it back with `known`."""
+    """Let go of orders settled a while ago (the actor runs it before a batch, or on its
+    timer), so memory and snapshots follow the live orders, not the sale's history. They stay
+    in the read model, and a command about one brings it back with `known`."""
 
 
 class CancelOrder(msgspec.Struct, frozen=True, tag=True, array_like=True, gc=False):

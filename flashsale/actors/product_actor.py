@@ -146,6 +146,8 @@ class ProductActor:
         state, policy, now = self._state, self._config.policy, now_ms()
         replies: list[Reply] = []
         events: list[Event] = []
+        for chore in self._chores(now):  # due ones go first, so each batch sees them done
+            events.extend(execute(state, chore, now, policy)[1])
         for cmd in commands:
             reply, new_events = execute(state, cmd, now, policy)
             replies.append(reply)
@@ -227,22 +229,23 @@ class ProductActor:
         return conn, rebuilt
 
     async def _keep_house_forever(self) -> None:
-        """Expire lapsed holds and forget long-settled orders, with no request needed."""
+        """Run the chores that fall due while no batch arrives to run them."""
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
-            chores = self._chores(now_ms()) if self._recovery.done() else []
-            if not chores:
+            if not (self._recovery.done() and self._chores(now_ms())):
                 continue
             try:
-                await self._decide_durably(chores)
+                await self._decide_durably([])
             except ProductUnavailable as error:
                 log.warning("product %s: housekeeping put off: %s", self._product_id, error)
 
     def _chores(self, now: int) -> list[Command]:
+        """Forgetting settled orders comes first: an order is never forgotten in the batch that
+        settles it, whose commit still has to write the order's row as it ends."""
         state, chores = self._state, list[Command]()
-        if state.holds and state.holds[0][0] <= now:
-            chores.append(ExpireHolds())
         forget_before = now - self._config.policy.forget_settled_after_ms
         if state.settled and state.settled[0][0] <= forget_before:
             chores.append(ForgetSettled())
+        if state.holds and state.holds[0][0] <= now:
+            chores.append(ExpireHolds())
         return chores
