@@ -326,7 +326,7 @@ async def test_a_later_batch_forgets_a_settled_order_never_the_batch_that_settle
     product_id, actor = await products(stock=2, forget_settled_after_ms=0)
     first, second = place(), place()
     await send(actor, [first, second])
-    for order in (first, second):  # the second batch forgets the first order, then fails one
+    for order in (first, second):  # the second batch forgets the first, then fails the second
         [failed] = await send(actor, [FailPayment(order.order_id)])
         assert isinstance(failed, OrderRecord) and failed.status is OrderStatus.FAILED
     assert first.order_id not in (await live_state(actor)).orders
