@@ -287,3 +287,27 @@ async def test_a_payment_id_confirms_one_order_even_across_products(api: Api) ->
         "ignored", "rejected: the payment id belongs to another order")
     assert (await order_of(api, first_token, first["order_id"]))["status"] == "confirmed"
     assert (await order_of(api, second_token, second["order_id"]))["status"] == "pending"
+
+
+async def test_one_payment_id_sent_for_two_products_at_once_confirms_one_order(
+    api: Api,
+) -> None:
+    """Both webhooks are checked before either is committed: the payment id must still go to
+    one order, and the collision must cost the shoppers in the same batches nothing."""
+    first, second = await api.sale(stock=100, limit=10), await api.sale(stock=100, limit=10)
+    gateway = SandboxGateway(SANDBOX_SECRET, "")
+    bystanders = [api.engine.tokens.access_token(str(uuid.uuid4())) for _ in range(10)]
+    for round_ in range(5):
+        payers = [await shopper_with_order(api, pid) for pid in (first, second)]
+        bodies = [gateway.event(EventKind.CAPTURED, placed["order_id"], f"pay_both_{round_}",
+                                PRICE, "INR") for _, placed in payers]
+        replies = await asyncio.gather(
+            *(send(api, body, gateway.sign(body)) for body in bodies),
+            *(api.order(b, pid) for b in bystanders for pid in (first, second)))
+        webhooks, theirs = replies[:2], replies[2:]
+        assert [status for status, _ in webhooks] == [200, 200], webhooks
+        assert sorted(reply["status"] for _, reply in webhooks) == ["ignored", "processed"]
+        assert {status for status, _ in theirs} == {201}, theirs
+        statuses = [(await order_of(api, token, placed["order_id"]))["status"]
+                    for token, placed in payers]
+        assert sorted(statuses) == ["confirmed", "pending"], statuses

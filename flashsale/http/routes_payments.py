@@ -28,7 +28,7 @@ from flashsale.payments.provider import (
     PaymentEvent,
     PaymentOrder,
 )
-from flashsale.persistence.orders import order_by_id, order_paid_by, order_record
+from flashsale.persistence.orders import claim_payment, order_by_id, order_record
 from flashsale.persistence.payments import (
     keep_payment_session,
     payment_session,
@@ -101,12 +101,11 @@ def _changes_nothing(event: PaymentEvent, order: asyncpg.Record) -> bool:
 
 async def _paid_for_another_order(engine: Engine, event: PaymentEvent,
                                   order: asyncpg.Record) -> str | None:
-    """A product knows only the payment ids of the orders in its memory; the read model knows
-    those of every order, on every product."""
+    """A product knows only the payment ids of the orders in its memory; the claims hold those
+    of every order, on every product, before any product decides (see `claim_payment`)."""
     if event.kind is not EventKind.CAPTURED:
         return None
-    holder = await order_paid_by(engine.db, event.payment_id)
-    if holder is None or holder == order["id"]:
+    if await claim_payment(engine.db, event.payment_id, order["id"]) == order["id"]:
         return None
     return "the payment id belongs to another order"
 

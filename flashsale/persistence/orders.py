@@ -34,9 +34,16 @@ async def orders_of_user(db: asyncpg.Pool, user_id: str, status: str | None, lim
     return rows, total
 
 
-async def order_paid_by(db: asyncpg.Pool, payment_id: str) -> str | None:
-    """The id of the order that holds this payment id, if any."""
-    return await db.fetchval("SELECT id::text FROM orders WHERE payment_id = $1", payment_id)
+async def claim_payment(db: asyncpg.Pool, payment_id: str, order_id: str) -> str:
+    """Claim this payment id for `order_id` unless an order claimed it first; returns the
+    claiming order's id. A claim another transaction is making is waited for, so of two
+    webhooks carrying one payment id for two orders, exactly one claims it."""
+    return await db.fetchval(
+        """INSERT INTO payment_claims (payment_id, order_id) VALUES ($1, $2)
+           ON CONFLICT (payment_id) DO UPDATE
+               SET order_id = payment_claims.order_id  -- no change: only to return it
+           RETURNING order_id::text""",
+        payment_id, order_id)
 
 
 def order_record(row: asyncpg.Record) -> OrderRecord:
