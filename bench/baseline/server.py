@@ -13,6 +13,7 @@ from flashsale.http.auth import DeactivatedUsers, Tokens, bearer_user
 from flashsale.http.problems import ApiError, problem_middleware
 from flashsale.http.schemas import OrderCreate, json_response, read_body, rfc3339
 from flashsale.ids import uuid7
+from flashsale.persistence.database import create_pool
 
 HOLD_TTL = dt.timedelta(seconds=900)
 POOL_SIZE = 32  # the hot row serializes writers; more connections only queue on its lock
@@ -109,7 +110,7 @@ async def get_product(request: web.Request) -> web.Response:
 
 
 async def create_app(dsn: str, jwt_secret: str) -> web.Application:
-    db = await asyncpg.create_pool(dsn, min_size=POOL_SIZE, max_size=POOL_SIZE)
+    db = await create_pool(dsn, min_size=POOL_SIZE, max_size=POOL_SIZE)
     async with db.acquire() as conn:
         await conn.execute(schema())
     app = web.Application(middlewares=[problem_middleware])

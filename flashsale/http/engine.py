@@ -20,6 +20,7 @@ from flashsale.http.problems import ApiError
 from flashsale.http.ratelimit import RateLimiter
 from flashsale.payments.provider import PaymentProvider
 from flashsale.payments.worker import PaymentWorker
+from flashsale.persistence.database import create_pool
 from flashsale.persistence.orders import claim_keys, order_record
 
 POOL_SIZE_MAX = 10
@@ -100,7 +101,7 @@ async def start_engine(dsn: str, actor_config: ActorConfig, jwt_secret: str, bcr
                        base_url: str, payments: PaymentProvider,
                        rate_limits: dict[str, Limit] | None,
                        deactivated_refresh_s: float = DEACTIVATED_REFRESH_S) -> Engine:
-    db = await asyncpg.create_pool(dsn, min_size=1, max_size=POOL_SIZE_MAX)
+    db = await create_pool(dsn, min_size=1, max_size=POOL_SIZE_MAX)
     engine = Engine(db, actor_config, jwt_secret, bcrypt_rounds, base_url, payments,
                     rate_limits, deactivated_refresh_s)
     await engine.start()

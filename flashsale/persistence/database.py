@@ -24,6 +24,17 @@ class Database:
             self.embedded.close()
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to undo: the pool's users leave no session state behind (no SET, LISTEN,
+    session-level advisory lock or open cursor), and asyncpg still rolls back a transaction
+    left open. asyncpg's default reset is a query, a round trip on every release."""
+
+
+async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
+    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
+                                     reset=_keep_session)
+
+
 async def connect(dsn: str) -> asyncpg.Connection:
     """Connect, turning an unreachable or misconfigured database into a one-line ConfigError."""
     try:
