@@ -24,10 +24,11 @@ from flashsale.actors.messages import (
     OrderRecord,
     OrderStatus,
     PlaceOrder,
+    ProductCounts,
     Rejection,
 )
 from flashsale.actors.product import Reply
-from flashsale.actors.product_actor import ProductUnavailable, send
+from flashsale.actors.product_actor import ProductUnavailable, counts_of, send
 from flashsale.ids import uuid7
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
@@ -37,6 +38,12 @@ from flashsale.persistence.replay import rebuild, report
 ProductFactory = Callable[..., Awaitable[tuple[str, ActorHandle]]]
 
 CallFailed = (ray.exceptions.RayError, ProductUnavailable)
+
+
+async def committed_counts(conn: asyncpg.Connection, product_id: str) -> ProductCounts:
+    row = await conn.fetchrow("SELECT stock, available, reserved, sold, last_seq "
+                              "FROM product_counts WHERE product_id = $1", product_id)
+    return ProductCounts(*row)
 
 
 def place(quantity: int = 1) -> PlaceOrder:
@@ -169,6 +176,7 @@ async def test_kill_9_loses_no_acknowledged_order_and_retries_create_no_second(
                                    product_id) > 0
         from_scratch = await rebuild(conn, product_id, use_snapshot=False)
         assert from_scratch.corruption is None and from_scratch.state == state
+        assert await committed_counts(conn, product_id) == counts_of(state)
     finally:
         await conn.close()
 
@@ -285,6 +293,8 @@ async def test_holds_expire_within_a_second_with_no_request(
             if row["status"] == "expired" or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.1)
+        # The expiry's commit also recorded the counts front ends show.
+        assert await committed_counts(conn, product_id) == await actor.counts.remote()
     finally:
         await conn.close()
     assert row["status"] == "expired"

@@ -12,15 +12,9 @@ from collections.abc import Awaitable, Callable
 import ray
 from ray.actor import ActorHandle
 
-from flashsale.actors.messages import Command, DefineProduct, Rejection
+from flashsale.actors.messages import Command, DefineProduct, ProductCounts, Rejection
 from flashsale.actors.product import Reply
-from flashsale.actors.product_actor import (
-    ActorConfig,
-    ProductCounts,
-    ProductUnavailable,
-    send,
-    send_batch,
-)
+from flashsale.actors.product_actor import ActorConfig, ProductUnavailable, send, send_batch
 from flashsale.actors.registry import product_actor
 
 log = logging.getLogger(__name__)

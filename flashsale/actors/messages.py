@@ -82,6 +82,16 @@ class OrderRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
 
 SETTLED_STATUSES = frozenset({OrderStatus.FAILED, OrderStatus.EXPIRED, OrderStatus.CANCELLED})
 
+
+class ProductCounts(msgspec.Struct, frozen=True):
+    """A product's units, and the last event they include."""
+
+    stock: int
+    available: int
+    reserved: int
+    sold: int
+    last_seq: int
+
 # Commands -------------------------------------------------------------------------------------
 
 

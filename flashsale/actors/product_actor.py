@@ -17,10 +17,23 @@ import asyncpg
 import msgspec
 from ray.actor import ActorHandle
 
-from flashsale.actors.messages import Command, Event, ExpireHolds, ForgetSettled, OrderPlaced
+from flashsale.actors.messages import (
+    Command,
+    Event,
+    ExpireHolds,
+    ForgetSettled,
+    OrderPlaced,
+    ProductCounts,
+)
 from flashsale.actors.product import Policy, ProductState, Reply, execute
 from flashsale.persistence.replay import Rebuilt, encode_state, rebuild
-from flashsale.persistence.wal import QUEUE_DEPTH_MAX, OrderChanges, WalBroken, WalWriter
+from flashsale.persistence.wal import (
+    QUEUE_DEPTH_MAX,
+    OrderChanges,
+    WalBroken,
+    WalWriter,
+    keep_counts,
+)
 from flashsale.tasks import LoopThread
 
 log = logging.getLogger(__name__)
@@ -48,14 +61,6 @@ class ActorConfig(msgspec.Struct, frozen=True):
     queue_depth_max: int = QUEUE_DEPTH_MAX
 
 
-class ProductCounts(msgspec.Struct, frozen=True):
-    stock: int
-    available: int
-    reserved: int
-    sold: int
-    last_seq: int
-
-
 def encode_commands(commands: Sequence[Command]) -> bytes:
     return _commands_encoder.encode(commands)
 
@@ -81,6 +86,11 @@ async def send_batch(actor: ActorHandle, commands: Sequence[Command]) -> Decided
 
 async def send(actor: ActorHandle, commands: Sequence[Command]) -> list[Reply]:
     return (await send_batch(actor, commands)).replies
+
+
+def counts_of(state: ProductState) -> ProductCounts:
+    return ProductCounts(state.stock, state.available, state.reserved, state.sold,
+                         state.last_seq)
 
 
 def now_ms() -> int:
@@ -128,8 +138,7 @@ class ProductActor:
         return self._counts()
 
     def _counts(self) -> ProductCounts:
-        s = self._state
-        return ProductCounts(s.stock, s.available, s.reserved, s.sold, s.last_seq)
+        return counts_of(self._state)
 
     async def snapshot(self) -> bytes:
         """The whole state, encoded as a snapshot (for audits and tests)."""
@@ -156,7 +165,7 @@ class ProductActor:
             first_seq = state.last_seq + 1
             state.last_seq += len(events)
             durable = writer.append(
-                first_seq, tuple(events), _order_changes(state, events),
+                first_seq, tuple(events), _order_changes(state, events), self._counts(),
                 state.terms.currency if state.terms else "", self._maybe_snapshot(len(events)),
             )
         else:
@@ -214,6 +223,8 @@ class ProductActor:
                 await conn.execute("SELECT pg_advisory_lock($1)",
                                    writer_lock_key(self._product_id))
                 rebuilt = await rebuild(conn, self._product_id)
+                if rebuilt.corruption is None and rebuilt.state.last_seq:  # see `Catalogue`
+                    await keep_counts(conn, self._product_id, counts_of(rebuilt.state))
                 break
             except (OSError, TimeoutError, asyncpg.PostgresError,
                     asyncpg.InterfaceError) as error:

@@ -1,21 +1,26 @@
-"""The front end's view of the sales: catalogue rows from PostgreSQL, live counts from the
-product actors, so a product read costs no Ray call (≤ 1 s stale). Counts arrive with every
-batch a sale's actor answers; a sale that has been quiet for a while is asked directly."""
+"""The front end's view of the sales: catalogue rows and counts from PostgreSQL, so a product
+read costs no Ray call (≤ 1 s stale). Counts arrive with every batch a sale's actor answers,
+and every commit of a sale's write-ahead log records them in `product_counts`, which is read
+for all sales at once twice a second; only a sale with no counts there is asked directly."""
 
 import asyncio
 import contextlib
 import datetime as dt
 import logging
-import time
 
 import asyncpg
 
 from flashsale.actors.batching import ProductRouter
-from flashsale.actors.messages import DefineProduct
-from flashsale.actors.product_actor import ProductCounts, ProductUnavailable
+from flashsale.actors.messages import DefineProduct, ProductCounts
+from flashsale.actors.product_actor import ProductUnavailable
 from flashsale.http.problems import ApiError
 from flashsale.http.schemas import ProductView, rfc3339
-from flashsale.persistence.products import ProductRow, all_products, product_by_id
+from flashsale.persistence.products import (
+    ProductRow,
+    all_products,
+    committed_counts,
+    product_by_id,
+)
 from flashsale.tasks import stop_task
 
 log = logging.getLogger(__name__)
@@ -36,7 +41,6 @@ class Catalogue:
         self._router = router
         self._rows: dict[str, ProductRow] = {}
         self._counts: dict[str, ProductCounts] = {}
-        self._heard_at: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         router.on_counts = self._hear
 
@@ -69,7 +73,6 @@ class Catalogue:
 
     def _hear(self, product_id: str, counts: ProductCounts) -> None:
         self._counts[product_id] = counts
-        self._heard_at[product_id] = time.monotonic()
 
     def view(self, row: ProductRow) -> ProductView:
         counts = self._counts.get(row.id)
@@ -103,9 +106,15 @@ class Catalogue:
         self._rows.update({row.id: row for row in await all_products(self._db)})
 
     async def _refresh_counts(self) -> None:
-        quiet_since = time.monotonic() - COUNTS_REFRESH_S
-        rows = [row for row in self._rows.values()
-                if self._heard_at.get(row.id, 0.0) <= quiet_since]
+        committed = await committed_counts(self._db)
+        for product_id, counts in committed.items():
+            if product_id in self._rows:
+                self._hear(product_id, counts)
+        await self._ask_actors([row for row in self._rows.values() if row.id not in committed])
+
+    async def _ask_actors(self, rows: list[ProductRow]) -> None:
+        """Sales whose definition was never committed, or whose actor has not run since the
+        counts table exists."""
         results = await asyncio.gather(*(self._router.counts(row.id) for row in rows),
                                        return_exceptions=True)
         for row, counts in zip(rows, results, strict=True):

@@ -6,7 +6,7 @@ import uuid
 import asyncpg
 import msgspec
 
-from flashsale.actors.messages import ProductTerms
+from flashsale.actors.messages import ProductCounts, ProductTerms
 
 
 class ProductRow(msgspec.Struct, frozen=True):
@@ -57,3 +57,11 @@ async def all_products(db: asyncpg.Pool) -> list[ProductRow]:
 async def product_by_id(db: asyncpg.Pool, product_id: str) -> ProductRow | None:
     record = await db.fetchrow(f"SELECT {_COLUMNS} FROM products WHERE id = $1", product_id)
     return None if record is None else _row(record)
+
+
+async def committed_counts(db: asyncpg.Pool) -> dict[str, ProductCounts]:
+    """Every sale's counts as its last commit left them (sales never defined have none)."""
+    return {r["product_id"]: ProductCounts(r["stock"], r["available"], r["reserved"], r["sold"],
+                                           r["last_seq"])
+            for r in await db.fetch("SELECT product_id::text, stock, available, reserved, sold, "
+                                    "last_seq FROM product_counts")}

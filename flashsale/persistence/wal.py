@@ -12,8 +12,16 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import asyncpg
+import msgspec
 
-from flashsale.actors.messages import Event, OrderPlaced, OrderRecord, OrderStatus, event_encoder
+from flashsale.actors.messages import (
+    Event,
+    OrderPlaced,
+    OrderRecord,
+    OrderStatus,
+    ProductCounts,
+    event_encoder,
+)
 from flashsale.persistence.frames import frame
 from flashsale.tasks import LoopThread, stop_task
 
@@ -28,6 +36,18 @@ NEW_ORDER_COLUMNS = (
 )
 _PENDING = OrderStatus.PENDING.value
 
+_KEEP_COUNTS = """
+INSERT INTO product_counts (product_id, stock, available, reserved, sold, last_seq)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (product_id) DO UPDATE SET stock = excluded.stock, available = excluded.available,
+    reserved = excluded.reserved, sold = excluded.sold, last_seq = excluded.last_seq
+"""
+# The flush's record and the counts after it, in one statement: no extra round trip.
+_LOG_AND_COUNT = f"""
+WITH logged AS (
+    INSERT INTO wal (product_id, first_seq, last_seq, record) VALUES ($1, $7, $8, $9))
+{_KEEP_COUNTS}"""
+
 _UPDATE_ORDERS = """
 UPDATE orders SET status = u.status, payment_id = u.payment_id, refund_status = u.refund_status,
                   refund_amount_minor = u.refund_amount_minor,
@@ -37,6 +57,11 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8
           updated_at_ms)
 WHERE orders.id = u.id
 """
+
+
+async def keep_counts(conn: asyncpg.Connection, product_id: str, counts: ProductCounts) -> None:
+    """Record the counts a product stands at outside a flush (after its recovery)."""
+    await conn.execute(_KEEP_COUNTS, product_id, *msgspec.structs.astuple(counts))
 
 
 class WalOverloaded(Exception):
@@ -60,6 +85,7 @@ class _Append(NamedTuple):
     first_seq: int
     events: tuple[Event, ...]
     orders: OrderChanges
+    counts: ProductCounts  # after these events
     currency: str
     snapshot: tuple[int, bytes] | None
     durable: asyncio.Future[None]
@@ -123,13 +149,15 @@ class WalWriter:
         return self.failure is None and len(self._queue) < self._queue_depth_max
 
     def append(self, first_seq: int, events: tuple[Event, ...], orders: OrderChanges,
-               currency: str, snapshot: tuple[int, bytes] | None = None) -> asyncio.Future[None]:
+               counts: ProductCounts, currency: str,
+               snapshot: tuple[int, bytes] | None = None) -> asyncio.Future[None]:
         if self.failure is not None:
             raise WalBroken("the write-ahead log failed earlier") from self.failure
         if len(self._queue) >= self._queue_depth_max:
             raise WalOverloaded(f"{len(self._queue)} appends are waiting for the disk")
         durable: asyncio.Future[None] = self._owner.create_future()
-        self._queue.append(_Append(first_seq, events, orders, currency, snapshot, durable))
+        self._queue.append(_Append(first_seq, events, orders, counts, currency, snapshot,
+                                   durable))
         self._last = durable
         self._io.loop.call_soon_threadsafe(self._wakeup.set)
         return durable
@@ -184,11 +212,8 @@ class WalWriter:
         async with self.conn.transaction():
             if events:
                 await self.conn.execute(
-                    "INSERT INTO wal (product_id, first_seq, last_seq, record) "
-                    "VALUES ($1, $2, $3, $4)",
-                    self._product_id, first_seq, first_seq + len(events) - 1,
-                    frame(event_encoder.encode(events)),
-                )
+                    _LOG_AND_COUNT, self._product_id, *msgspec.structs.astuple(batch[-1].counts),
+                    first_seq, first_seq + len(events) - 1, frame(event_encoder.encode(events)))
             if orders.placed:
                 await self.conn.copy_records_to_table(
                     "orders", columns=NEW_ORDER_COLUMNS,
