@@ -17,6 +17,7 @@ import ray
 from helpers import forgotten, live_state
 from ray.actor import ActorHandle
 
+from flashsale.actors import batching
 from flashsale.actors.messages import (
     CapturePayment,
     Command,
@@ -386,3 +387,26 @@ async def test_settled_orders_leave_memory_and_the_read_model_brings_them_back(
         assert (await report(conn, product_id, verify=True)).problems == []
     finally:
         await conn.close()
+
+
+async def test_a_batch_whose_screen_hangs_is_answered_503_and_the_next_goes_through(
+    products: ProductFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call's time limit covers the claims' query too: one call is in flight per product,
+    so a hung query must not hold every later command of the product."""
+    monkeypatch.setattr(batching, "CALL_TIMEOUT_S", 0.5)
+    product_id, actor = await products(stock=10, limit=10)
+    screened = 0
+
+    async def screen(_: str, commands: list[Command]) -> list[Command | Rejection]:
+        nonlocal screened
+        screened += 1
+        if screened == 1:
+            await asyncio.Event().wait()  # a query that never returns
+        return list(commands)
+
+    batcher = batching.ProductBatcher(product_id, actor, screen, lambda *_: None)
+    async with asyncio.timeout(10):
+        with pytest.raises(ProductUnavailable):
+            await batcher.submit(place())
+        assert isinstance(await batcher.submit(place()), OrderRecord)

@@ -70,17 +70,8 @@ class ProductBatcher:
 
     async def _call(self, batch: list[tuple[Command, asyncio.Future[Reply]]]) -> None:
         try:
-            verdicts: list[Command | Rejection] = [cmd for cmd, _ in batch]
-            if self._screen:
-                verdicts = await self._screen(self._product_id, [cmd for cmd, _ in batch])
-            to_send = [(i, v) for i, v in enumerate(verdicts) if not isinstance(v, Rejection)]
-            replies: list[Reply] = [v if isinstance(v, Rejection) else None for v in verdicts]
-            if to_send:
-                async with asyncio.timeout(CALL_TIMEOUT_S):
-                    decided = await send_batch(self._actor, [cmd for _, cmd in to_send])
-                for (i, _), reply in zip(to_send, decided.replies, strict=True):
-                    replies[i] = reply
-                self._on_counts(self._product_id, decided.counts)
+            async with asyncio.timeout(CALL_TIMEOUT_S):  # the screen's query, then the call
+                replies = await self._decide([cmd for cmd, _ in batch])
             for (_, future), reply in zip(batch, replies, strict=True):
                 if not future.done():
                     future.set_result(reply)
@@ -95,6 +86,19 @@ class ProductBatcher:
         finally:
             self._in_flight -= 1
             self._kick()
+
+    async def _decide(self, commands: list[Command]) -> list[Reply]:
+        """The screen's rejections, and the actor's replies to the commands it let through."""
+        verdicts: list[Command | Rejection] = (
+            await self._screen(self._product_id, commands) if self._screen else list(commands))
+        to_send = [(i, v) for i, v in enumerate(verdicts) if not isinstance(v, Rejection)]
+        replies: list[Reply] = [v if isinstance(v, Rejection) else None for v in verdicts]
+        if to_send:
+            decided = await send_batch(self._actor, [cmd for _, cmd in to_send])
+            for (i, _), reply in zip(to_send, decided.replies, strict=True):
+                replies[i] = reply
+            self._on_counts(self._product_id, decided.counts)
+        return replies
 
 
 class ProductRouter:
