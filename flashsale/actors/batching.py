@@ -58,7 +58,7 @@ class ProductBatcher:
 
     def _kick(self) -> None:
         self._kick_scheduled = False
-        # A call costs the front end and the actor about a millisecond of CPU whatever its size,
+        # A call costs the front end and the actor over a millisecond of CPU whatever its size,
         # so commands wait for the call in flight and leave together in the next. Only full
         # batches, which waiting cannot make larger, go out beside it.
         while self._waiting and (self._in_flight == 0 or (

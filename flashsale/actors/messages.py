@@ -92,6 +92,7 @@ class ProductCounts(msgspec.Struct, frozen=True):
     sold: int
     last_seq: int
 
+
 # Commands -------------------------------------------------------------------------------------
 
 

@@ -2,8 +2,9 @@
 
 `append` returns a future that resolves only after the COMMIT holding those events. Appends that
 queue up while a commit is in flight go out together in the next transaction (group commit), as
-one WAL record plus the orders read-model rows they change. The queue is bounded; after a failed
-flush the writer refuses everything, because the caller's state is ahead of the log.
+one WAL record plus the orders read-model rows they change and the product's counts after them.
+The queue is bounded; after a failed flush the writer refuses everything, because the caller's
+state is ahead of the log.
 """
 
 import asyncio
