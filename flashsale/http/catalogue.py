@@ -92,6 +92,7 @@ class Catalogue:
 
     async def _refresh_forever(self) -> None:
         rounds = 0
+        failing = False  # an outage is logged when it starts and when it ends, not twice a second
         while True:
             await asyncio.sleep(COUNTS_REFRESH_S)
             rounds += 1
@@ -100,7 +101,13 @@ class Catalogue:
                     await self._reload_rows()
                 await self._refresh_counts()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                log.warning("catalogue refresh failed: %s", error)
+                if not failing:
+                    log.warning("catalogue refresh failed, counts shown may be stale: %s", error)
+                failing = True
+                continue
+            if failing:
+                log.warning("catalogue refresh works again")
+            failing = False
 
     async def _reload_rows(self) -> None:
         self._rows.update({row.id: row for row in await all_products(self._db)})
