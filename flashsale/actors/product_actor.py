@@ -131,13 +131,10 @@ class ProductActor:
         """Decide a batch of encoded commands; returns their encoded replies, in order, with
         the counts after them (front ends keep their product caches fresh from these)."""
         replies = await self._decide_durably(_commands_decoder.decode(blob))
-        return _decided_encoder.encode(Decided(replies, self._counts()))
+        return _decided_encoder.encode(Decided(replies, counts_of(self._state)))
 
     async def counts(self) -> ProductCounts:
         await self._ready()
-        return self._counts()
-
-    def _counts(self) -> ProductCounts:
         return counts_of(self._state)
 
     async def snapshot(self) -> bytes:
@@ -165,7 +162,7 @@ class ProductActor:
             first_seq = state.last_seq + 1
             state.last_seq += len(events)
             durable = writer.append(
-                first_seq, tuple(events), _order_changes(state, events), self._counts(),
+                first_seq, tuple(events), _order_changes(state, events), counts_of(state),
                 state.terms.currency if state.terms else "", self._maybe_snapshot(len(events)),
             )
         else:
