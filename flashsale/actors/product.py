@@ -80,41 +80,40 @@ Reply = OrderRecord | Rejection | None
 
 
 class Snapshot(msgspec.Struct, array_like=True, gc=False):
-    """A state as a snapshot keeps it: its orders and the layout of the hold heap. Every index is
-    derived again on restore, sharing the orders' strings, so a restored state is no larger than
-    the live one and the snapshot holds each id once."""
+    """A state as a snapshot keeps it: its orders, and its hold heap and settled queue as they are
+    laid out. Every index is derived again on restore, sharing the orders' strings, so a restored
+    state is no larger than the live one."""
 
     terms: ProductTerms | None
     stock: int
     last_seq: int
     orders: list[OrderRecord]
-    # (time, position in `orders`) of the state's holds and settled queue, in their order; a
-    # hold of a forgotten order keeps its order's id instead.
-    holds: list[tuple[int, int | str]]
-    settled: list[tuple[int, int]]
+    holds: list[tuple[int, str]]  # a hold may outlive its order, forgotten since
+    settled: list[tuple[int, str]]
 
 
 def snapshot_of(state: ProductState) -> Snapshot:
-    position = {order_id: i for i, order_id in enumerate(state.orders)}
+    """No loop in Python: the product waits while its snapshot is taken and encoded."""
     return Snapshot(state.terms, state.stock, state.last_seq, list(state.orders.values()),
-                    [(at, position.get(order_id, order_id)) for at, order_id in state.holds],
-                    [(at, position[order_id]) for at, order_id in state.settled])
+                    state.holds, state.settled)
 
 
 def restore(snapshot: Snapshot) -> ProductState:
     """The state a snapshot was taken of, equal to it field by field."""
-    orders = snapshot.orders
+    orders = {o.order_id: o for o in snapshot.orders}
     state = ProductState(
         snapshot.terms,
         snapshot.stock,
-        orders={o.order_id: o for o in orders},
-        order_by_payment={o.payment_id: o.order_id for o in orders if o.payment_id is not None},
-        holds=[(at, i if isinstance(i, str) else orders[i].order_id) for at, i in snapshot.holds],
+        orders=orders,
+        order_by_payment={o.payment_id: o.order_id for o in orders.values()
+                          if o.payment_id is not None},
+        holds=[(at, order.order_id if (order := orders.get(i)) else i)
+               for at, i in snapshot.holds],
         settled=[(at, orders[i].order_id) for at, i in snapshot.settled],
         last_seq=snapshot.last_seq,
     )
     by_key = state.order_by_key
-    for o in orders:
+    for o in snapshot.orders:
         by_key.setdefault((o.user_id, o.idempotency_key), o.order_id)  # as `_index` does
         if o.status is OrderStatus.PENDING:
             state.reserved += o.quantity
