@@ -115,7 +115,7 @@ async def make_api(ray_session: None, database_dsn: str) -> AsyncIterator[ApiFac
 
     async def make(payments: Callable[[str], PaymentProvider] | None = None,
                    hold_ttl_ms: int = HOLD_TTL_MS, forget_settled_after_ms: int = 600_000,
-                   rate_limits: dict[str, Limit] | None = None) -> Api:
+                   rate_limits: dict[str, Limit] | None = None, shared: bool = False) -> Api:
         config = ActorConfig(database_dsn, Policy(hold_ttl_ms=hold_ttl_ms,
                                                   cancel_window_ms=CANCEL_WINDOW_MS,
                                                   forget_settled_after_ms=forget_settled_after_ms))
@@ -125,7 +125,8 @@ async def make_api(ray_session: None, database_dsn: str) -> AsyncIterator[ApiFac
                    SandboxGateway(SANDBOX_SECRET, f"{base_url}/webhooks/sandbox"))
         engine = await start_engine(database_dsn, config, JWT_SECRET, bcrypt_rounds=4,
                                     base_url=base_url, payments=gateway,
-                                    rate_limits=rate_limits, deactivated_refresh_s=0.2)
+                                    rate_limits=rate_limits, shared_limits=shared,
+                                    deactivated_refresh_s=0.2)
         server = TestServer(create_app(engine), host="127.0.0.1", port=port)
         await server.start_server()
         session = aiohttp.ClientSession(base_url=base_url)

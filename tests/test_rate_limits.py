@@ -1,12 +1,14 @@
 """Rate limits (SPEC §8): configuration, windows, and 429s over real HTTP."""
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from flashsale.config import DEFAULT_LIMITS, ConfigError, Limit, parse_limits
 from flashsale.http.problems import ApiError
-from flashsale.http.ratelimit import RateLimiter
+from flashsale.http.ratelimit import Counts, LocalCounts, RateLimiter, SharedCounts
+from flashsale.persistence.database import create_pool
 
 
 def test_limits_default_turn_off_and_override() -> None:
@@ -20,18 +22,36 @@ def test_limits_default_turn_off_and_override() -> None:
             parse_limits(bad)
 
 
-def test_a_window_refuses_past_its_count_then_resets() -> None:
+@pytest.fixture(params=["local", "shared"])
+async def counts(request: pytest.FixtureRequest, database_dsn: str) -> AsyncIterator[Counts]:
+    """Each way a front end keeps its counters: in memory, or in PostgreSQL."""
+    if request.param == "local":
+        yield LocalCounts()
+        return
+    db = await create_pool(database_dsn, min_size=1, max_size=2)
+    yield SharedCounts(db)
+    await db.close()
+
+
+async def test_a_window_refuses_past_its_count_then_resets(counts: Counts) -> None:
     now = [1000.0]
-    limiter = RateLimiter({"order": Limit(2, 60)}, clock=lambda: now[0])
-    limiter.check("order", "alice")
-    limiter.check("order", "alice")
+    limiter = RateLimiter({"order": Limit(2, 60), "ip": Limit(2, 60)}, counts,
+                          clock=lambda: now[0])
+    await limiter.check(("order", "alice"))
+    await limiter.check(("order", "alice"), ("ip", "10.0.0.1"))
     with pytest.raises(ApiError) as refused:
-        limiter.check("order", "alice")
+        await limiter.check(("order", "alice"), ("ip", "10.0.0.1"))
     assert refused.value.code == "rate_limited"
     assert refused.value.headers["Retry-After"] == "20"  # the window ends at 1020
-    limiter.check("order", "bob")  # counted per key
+    await limiter.check(("order", "bob"))  # counted per key
+    with pytest.raises(ApiError, match=r"\(ip\)"):  # each request counted against both
+        await limiter.check(("ip", "10.0.0.1"), ("order", "carol"))
     now[0] = 1020.0
-    limiter.check("order", "alice")
+    await limiter.check(("order", "alice"))
+    now[0] = 1019.0  # a front end whose clock lags counts in the newer window, not a fresh one
+    await limiter.check(("order", "alice"))
+    with pytest.raises(ApiError):
+        await limiter.check(("order", "alice"))
 
 
 async def test_over_http_the_limits_answer_429_with_retry_after(make_api: Any) -> None:
@@ -53,3 +73,16 @@ async def test_every_route_counts_against_the_address(make_api: Any) -> None:
     api = await make_api(rate_limits={**DEFAULT_LIMITS, "ip": Limit(3, 60)})
     statuses = [(await api.call("GET", "/webhooks/health"))[0] for _ in range(4)]
     assert statuses == [200, 200, 200, 429]
+
+
+async def test_front_ends_sharing_a_database_share_its_limits(make_api: Any) -> None:
+    """As `flashsale serve --workers N` runs them: a client's requests land on any front end,
+    and the limits hold across them."""
+    limits = {**DEFAULT_LIMITS, "register": Limit(3, 60)}
+    fronts = [await make_api(rate_limits=limits, shared=True) for _ in range(2)]
+    statuses = []
+    for n in range(6):
+        body = {"email": f"shopper{n}@example.com", "password": "sale-day-1",
+                "full_name": "Test Shopper"}
+        statuses.append((await fronts[n % 2].call("POST", "/auth/register", body=body))[0])
+    assert statuses == [201, 201, 201, 429, 429, 429]

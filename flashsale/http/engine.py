@@ -17,7 +17,7 @@ from flashsale.http.auth import (
 )
 from flashsale.http.catalogue import Catalogue
 from flashsale.http.problems import ApiError
-from flashsale.http.ratelimit import RateLimiter
+from flashsale.http.ratelimit import RateLimiter, SharedCounts
 from flashsale.payments.provider import PaymentProvider
 from flashsale.payments.worker import PaymentWorker
 from flashsale.persistence.database import create_pool
@@ -29,10 +29,16 @@ POOL_SIZE_MAX = 10
 class Engine:
     def __init__(self, db: asyncpg.Pool, actor_config: ActorConfig, jwt_secret: str,
                  bcrypt_rounds: int, base_url: str, payments: PaymentProvider,
-                 rate_limits: dict[str, Limit] | None,
+                 rate_limits: dict[str, Limit] | None, *, shared_limits: bool = False,
+                 payment_work: bool = True,
                  deactivated_refresh_s: float = DEACTIVATED_REFRESH_S) -> None:
+        """`shared_limits`: other front ends serve the same clients, so rate limits are counted
+        in the database. `payment_work`: this front end performs refunds and closes lapsed
+        payment sessions (one of several does)."""
         self.db = db
-        self.limiter = RateLimiter(rate_limits) if rate_limits else None
+        self._payment_work = payment_work
+        self.limiter = (RateLimiter(rate_limits, SharedCounts(db) if shared_limits else None)
+                        if rate_limits else None)
         self.payments = payments
         self.payment_worker = PaymentWorker(db, payments)
         self.router = ProductRouter(actor_config, screen=self._screen_keys)
@@ -45,10 +51,10 @@ class Engine:
     def user(self, request: web.Request) -> str:
         return bearer_user(request, self.tokens, self.deactivated)
 
-    def limit(self, kind: str, key: str) -> None:
+    async def limit(self, kind: str, key: str) -> None:
         """A 429 once `key` has spent its `kind` limit (no-op with limits off)."""
         if self.limiter is not None:
-            self.limiter.check(kind, key)
+            await self.limiter.check((kind, key))
 
     async def admin(self, request: web.Request) -> str:
         user_id = self.user(request)
@@ -86,7 +92,8 @@ class Engine:
     async def start(self) -> None:
         await self.deactivated.start()
         await self.catalogue.start()
-        self.payment_worker.start()
+        if self._payment_work:
+            self.payment_worker.start()
 
     async def stop(self) -> None:
         await self.payment_worker.stop()
@@ -99,11 +106,13 @@ class Engine:
 
 async def start_engine(dsn: str, actor_config: ActorConfig, jwt_secret: str, bcrypt_rounds: int,
                        base_url: str, payments: PaymentProvider,
-                       rate_limits: dict[str, Limit] | None,
+                       rate_limits: dict[str, Limit] | None, *, shared_limits: bool = False,
+                       payment_work: bool = True,
                        deactivated_refresh_s: float = DEACTIVATED_REFRESH_S) -> Engine:
     db = await create_pool(dsn, min_size=1, max_size=POOL_SIZE_MAX)
     engine = Engine(db, actor_config, jwt_secret, bcrypt_rounds, base_url, payments,
-                    rate_limits, deactivated_refresh_s)
+                    rate_limits, shared_limits=shared_limits, payment_work=payment_work,
+                    deactivated_refresh_s=deactivated_refresh_s)
     await engine.start()
     return engine
 

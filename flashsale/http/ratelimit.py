@@ -1,50 +1,123 @@
-"""Rate limits (SPEC §8): fixed-window counters in the front-end process.
+"""Rate limits (SPEC §8): fixed-window counters, kept where every front end can see them.
 
-One `flashsale serve` runs one front-end process, so its counters see every request it serves.
-They cost no database or Ray round trip, which the order path cannot afford.
+One front end keeps its counters in its own memory, at no database or Ray round trip, which the
+order path cannot afford. Several (`flashsale serve --workers N`) must share them, since a
+client's connections land on any of them: they count in PostgreSQL, one statement per request.
 """
 
 import math
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
+import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from flashsale.config import Limit
 from flashsale.http.problems import ApiError
 
-KEYS_MAX = 1_000_000  # counters kept before stale windows are swept
+KEYS_MAX = 1_000_000  # counters kept in memory before stale windows are swept
+SWEEP_INTERVAL_S = 60.0  # how often a front end clears the shared table's ended windows
+
+# (kind, key, window number): one request to count against a limit.
+Counted = tuple[str, str, int]
+
+
+class Counts(Protocol):
+    async def count(self, requests: list[Counted]) -> list[int]:
+        """Count each request in its window; the window's count so far, request by request."""
+        ...
+
+
+class LocalCounts:
+    """This process's counters."""
+
+    def __init__(self) -> None:
+        self._windows: dict[tuple[str, str], tuple[int, int]] = {}
+        self._newest: dict[str, int] = {}  # the newest window seen, by kind
+
+    async def count(self, requests: list[Counted]) -> list[int]:
+        if len(self._windows) >= KEYS_MAX:
+            self._sweep()
+        counts = []
+        for kind, key, window in requests:
+            seen_window, count = self._windows.get((kind, key), (window, 0))
+            count = count + 1 if seen_window >= window else 1
+            self._windows[(kind, key)] = (max(seen_window, window), count)
+            self._newest[kind] = max(self._newest.get(kind, window), window)
+            counts.append(count)
+        return counts
+
+    def _sweep(self) -> None:
+        self._windows = {slot: (window, count) for slot, (window, count) in self._windows.items()
+                         if window >= self._newest[slot[0]]}
+
+
+_COUNT = """
+INSERT INTO rate_counts AS c (kind, key, window_no, count)
+SELECT kind, key, window_no, 1 FROM unnest($1::text[], $2::text[], $3::int8[])
+    AS r(kind, key, window_no)
+ON CONFLICT (kind, key) DO UPDATE
+SET count = CASE WHEN c.window_no >= excluded.window_no THEN c.count + 1 ELSE 1 END,
+    window_no = greatest(c.window_no, excluded.window_no)
+RETURNING kind, count
+"""
+
+
+class SharedCounts:
+    """Counters in PostgreSQL, shared by every front end on the database. A window only moves
+    forward, so a front end whose clock lags cannot reset another's count."""
+
+    def __init__(self, db: asyncpg.Pool, clock: Callable[[], float] = time.monotonic) -> None:
+        self._db = db
+        self._clock = clock
+        self._swept_at = clock()
+        self._newest: dict[str, int] = {}
+
+    async def count(self, requests: list[Counted]) -> list[int]:
+        kinds, keys, windows = (list(column) for column in zip(*requests, strict=True))
+        try:
+            rows = await self._db.fetch(_COUNT, kinds, keys, windows)
+            await self._sweep_now_and_then(requests)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            raise ApiError("unavailable", "rate limits cannot be counted now") from None
+        by_kind = {row["kind"]: row["count"] for row in rows}  # one key per kind in a request
+        return [by_kind[kind] for kind in kinds]
+
+    async def _sweep_now_and_then(self, requests: list[Counted]) -> None:
+        for kind, _, window in requests:
+            self._newest[kind] = max(self._newest.get(kind, window), window)
+        if self._clock() - self._swept_at < SWEEP_INTERVAL_S:
+            return
+        self._swept_at = self._clock()
+        await self._db.execute(
+            "DELETE FROM rate_counts c USING unnest($1::text[], $2::int8[]) AS n(kind, newest) "
+            "WHERE c.kind = n.kind AND c.window_no < n.newest",
+            list(self._newest), list(self._newest.values()))
 
 
 class RateLimiter:
-    def __init__(self, limits: dict[str, Limit],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, limits: dict[str, Limit], counts: Counts | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._limits = limits
-        self._clock = clock
-        self._windows: dict[tuple[str, str], tuple[int, int]] = {}
+        self._counts = counts or LocalCounts()
+        self._clock = clock  # wall time: front ends in several processes agree on windows
 
-    def check(self, kind: str, key: str) -> None:
-        """Count one request; a 429 with Retry-After once the window's count is spent."""
-        limit = self._limits[kind]
+    async def check(self, *requests: tuple[str, str]) -> None:
+        """Count one request against each (kind, key); a 429 with Retry-After once a window's
+        count is spent."""
         now = self._clock()
-        window = int(now // limit.window_s)
-        seen_window, count = self._windows.get((kind, key), (window, 0))
-        count = count + 1 if seen_window == window else 1
-        if len(self._windows) >= KEYS_MAX:
-            self._sweep(now)
-        self._windows[(kind, key)] = (window, count)
-        if count > limit.requests:
-            retry_after_s = math.ceil((window + 1) * limit.window_s - now)
-            raise ApiError("rate_limited",
-                           f"more than {limit.requests} requests in {limit.window_s} s ({kind})",
-                           {"Retry-After": str(max(1, retry_after_s))})
-
-    def _sweep(self, now: float) -> None:
-        self._windows = {
-            key: (window, count) for key, (window, count) in self._windows.items()
-            if window == int(now // self._limits[key[0]].window_s)
-        }
+        windows = [int(now // self._limits[kind].window_s) for kind, _ in requests]
+        counts = await self._counts.count(
+            [(kind, key, window) for (kind, key), window in zip(requests, windows, strict=True)])
+        for (kind, _), window, count in zip(requests, windows, counts, strict=True):
+            limit = self._limits[kind]
+            if count > limit.requests:
+                retry_after_s = math.ceil((window + 1) * limit.window_s - now)
+                raise ApiError("rate_limited",
+                               f"more than {limit.requests} requests in {limit.window_s} s "
+                               f"({kind})", {"Retry-After": str(max(1, retry_after_s))})
 
 
 _PER_ADDRESS = {("POST", "/auth/login"): "login", ("POST", "/auth/register"): "register"}
@@ -56,10 +129,8 @@ def rate_limit_middleware(limiter: RateLimiter) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         address = request.remote or "unknown"
-        limiter.check("ip", address)
         kind = _PER_ADDRESS.get((request.method, request.path))
-        if kind is not None:
-            limiter.check(kind, address)
+        await limiter.check(("ip", address), *([(kind, address)] if kind else []))
         return await handler(request)
 
     return middleware

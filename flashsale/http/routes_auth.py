@@ -69,7 +69,7 @@ async def refresh(request: web.Request) -> web.Response:
     body = await read_body(request, RefreshRequest)
     owner = await users.refresh_token_owner(engine.db, body.refresh_token)
     if owner is not None:
-        engine.limit("refresh", owner)
+        await engine.limit("refresh", owner)
     user_id = await users.use_refresh_token(engine.db, body.refresh_token)
     if user_id is None:
         raise ApiError("invalid_token", "the refresh token is unknown, used or expired")

@@ -58,7 +58,7 @@ def _idempotency_key(request: web.Request) -> str:
 async def place_order(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     user_id = engine.user(request)
-    engine.limit("order", user_id)
+    await engine.limit("order", user_id)
     key = _idempotency_key(request)
     body = await read_body(request, OrderCreate)
     row = await engine.catalogue.row(str(body.product_id))
