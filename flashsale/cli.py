@@ -27,6 +27,9 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--data-dir", help="embedded database and generated secrets "
                        "(default $FLASHSALE_DATA_DIR or ./.flashsale)")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="front-end processes sharing the port, with rate limits counted in "
+                       "the database (default 1)")
     serve.add_argument("--demo", action="store_true",
                        help="create an admin and a live demo sale if the database has no users, "
                        "and print what to try")
@@ -34,7 +37,8 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = load_settings(host=args.host, port=args.port, data_dir=args.data_dir)
+    settings = load_settings(host=args.host, port=args.port, data_dir=args.data_dir,
+                             workers=args.workers)
     # Ray's crash handler prints a stack dump on every SIGTERM, which is a normal stop here.
     # Ray reads this when it is first imported, so the server is imported only now.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")

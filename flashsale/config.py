@@ -9,6 +9,7 @@ from typing import NamedTuple
 import msgspec
 
 PROVIDERS = ("sandbox", "stripe", "razorpay")
+WORKERS_MAX = 64
 
 
 class ConfigError(Exception):
@@ -58,6 +59,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cancel_window_s: int = 86_400
     payment_provider: str = "sandbox"
     public_url: str | None = None
+    workers: int = 1  # front-end processes
     rate_limits: dict[str, Limit] | None = msgspec.field(default_factory=lambda: dict(
         DEFAULT_LIMITS))
 
@@ -113,6 +115,9 @@ def load_settings(env: dict[str, str] | None = None, **flags: object) -> Setting
     port = values.get("port", 8080)
     if not isinstance(port, int) or not 1 <= port <= 65_535:
         raise ConfigError(f"--port must be between 1 and 65535, got {port}")
+    workers = values.get("workers", 1)
+    if not isinstance(workers, int) or not 1 <= workers <= WORKERS_MAX:
+        raise ConfigError(f"--workers must be between 1 and {WORKERS_MAX}, got {workers}")
     return Settings(**values)  # type: ignore[arg-type]
 
 

@@ -1,14 +1,18 @@
-"""`flashsale serve`: the database, Ray, the front end, and a clean stop on SIGINT/SIGTERM."""
+"""`flashsale serve`: the database, Ray, the front ends, and a clean stop on SIGINT/SIGTERM."""
 
 import asyncio
 import datetime as dt
 import logging
+import multiprocessing
 import os
 import secrets
 import signal
+import socket
+import sys
 
 import asyncpg
 import ray
+import uvloop
 from aiohttp import web
 
 from flashsale.actors.product import Policy
@@ -24,8 +28,11 @@ from flashsale.payments.stripe_gateway import StripeGateway
 from flashsale.persistence.database import open_database
 from flashsale.persistence.products import insert_product
 from flashsale.persistence.users import create_user, ensure_admin
+from flashsale.tasks import stop_task
 
 DEMO_ADMIN_EMAIL = "admin@flashsale.example"
+FRONT_END_WATCH_S = 1.0  # also the pace at which a front end that keeps failing is restarted
+FRONT_END_STOP_S = 10.0
 
 
 class _DropRayNotices(logging.Filter):
@@ -49,10 +56,10 @@ def start_ray(address: str | None) -> None:
              log_to_driver=False, logging_level=logging.WARNING)
 
 
-def _stop_on_signals() -> asyncio.Event:
+def _stop_on_signals(*signals: signal.Signals) -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     return stop
 
@@ -116,35 +123,132 @@ Open the order's payment_url in a browser to pay (or fail) on the sandbox checko
 """, flush=True)
 
 
+async def _start_front_end(settings: Settings, dsn: str, *, shared_limits: bool,
+                           payment_work: bool) -> tuple[Engine, web.AppRunner]:
+    """A front end's engine and its HTTP application, not yet listening."""
+    secret = os.environ.get("FLASHSALE_JWT_SECRET") or stored_secret(settings.data_dir,
+                                                                     "jwt_secret")
+    policy = Policy(hold_ttl_ms=settings.hold_ttl_s * 1000,
+                    cancel_window_ms=settings.cancel_window_s * 1000)
+    engine = await start_engine(dsn, ActorConfig(dsn, policy), secret, settings.bcrypt_rounds,
+                                settings.base_url, payment_provider(settings),
+                                settings.rate_limits, shared_limits=shared_limits,
+                                payment_work=payment_work)
+    runner = web.AppRunner(create_app(engine), access_log=None)
+    await runner.setup()
+    return engine, runner
+
+
+async def _listen(runner: web.AppRunner, settings: Settings, *, first: bool) -> None:
+    """With several front ends each listens with SO_REUSEPORT and the kernel spreads the
+    connections over them. That option would also let a second server share the port without
+    a word, so the first front end checks the port is free as a plain bind would."""
+    shared = settings.workers > 1
+    try:
+        if shared and first:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                settings.host, settings.port, type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE)[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        await web.TCPSite(runner, settings.host, settings.port, reuse_port=shared).start()
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: "
+                          f"{error.strerror}") from None
+
+
+def _run_other_front_end(settings: Settings, dsn: str, ray_address: str) -> None:
+    """The entry of a spawned front-end process (`--workers N`)."""
+    try:
+        uvloop.run(_serve_other_front_end(settings, dsn, ray_address))
+    except ConfigError as error:
+        print(f"flashsale: front end {os.getpid()}: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+async def _serve_other_front_end(settings: Settings, dsn: str, ray_address: str) -> None:
+    # Ctrl-C reaches the whole process group; the server stops its front ends itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = _stop_on_signals(signal.SIGTERM)
+    await asyncio.to_thread(start_ray, ray_address)
+    try:
+        engine, runner = await _start_front_end(settings, dsn, shared_limits=True,
+                                                payment_work=False)
+        try:
+            await _listen(runner, settings, first=False)
+            print(f"flashsale: front end {os.getpid()} ready", flush=True)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+            await engine.stop()
+    finally:
+        ray.shutdown()
+
+
+class OtherFrontEnds:
+    """The front ends `--workers N` runs besides the server's own, each a process of its own on
+    the same port. One that dies is started again; they stop with the server."""
+
+    def __init__(self, count: int, settings: Settings, dsn: str, ray_address: str) -> None:
+        self._spawn = multiprocessing.get_context("spawn")
+        self._args = (settings, dsn, ray_address)
+        self._processes = [self._start() for _ in range(count)]
+        self._watch = asyncio.get_running_loop().create_task(self._keep_up())
+
+    def _start(self) -> multiprocessing.process.BaseProcess:
+        process = self._spawn.Process(target=_run_other_front_end, args=self._args,
+                                      name="flashsale-front-end")
+        process.start()
+        return process
+
+    async def _keep_up(self) -> None:
+        while True:
+            await asyncio.sleep(FRONT_END_WATCH_S)
+            for i, process in enumerate(self._processes):
+                if process.exitcode is not None:
+                    print(f"flashsale: front end {process.pid} exited ({process.exitcode}); "
+                          "starting another", flush=True)
+                    self._processes[i] = self._start()
+
+    async def stop(self) -> None:
+        await stop_task(self._watch)
+        for process in self._processes:
+            process.terminate()
+        for process in self._processes:
+            await asyncio.to_thread(process.join, FRONT_END_STOP_S)
+            if process.exitcode is None:
+                process.kill()
+
+
 async def serve(settings: Settings, demo: bool) -> None:
-    stop = _stop_on_signals()
+    stop = _stop_on_signals(signal.SIGINT, signal.SIGTERM)
     database = await open_database(settings)
     where = f"embedded, data in {database.embedded.pgdata}" if database.embedded else "external"
     print(f"flashsale: PostgreSQL ready ({where})", flush=True)
     try:
         await asyncio.to_thread(start_ray, settings.ray_address)
         print(f"flashsale: Ray ready ({settings.ray_address or 'local instance'})", flush=True)
-        secret = os.environ.get("FLASHSALE_JWT_SECRET") or stored_secret(settings.data_dir,
-                                                                         "jwt_secret")
-        policy = Policy(hold_ttl_ms=settings.hold_ttl_s * 1000,
-                        cancel_window_ms=settings.cancel_window_s * 1000)
-        engine = await start_engine(database.dsn, ActorConfig(database.dsn, policy), secret,
-                                    settings.bcrypt_rounds, settings.base_url,
-                                    payment_provider(settings), settings.rate_limits)
-        runner = web.AppRunner(create_app(engine), access_log=None)
+        engine, runner = await _start_front_end(settings, database.dsn,
+                                                shared_limits=settings.workers > 1,
+                                                payment_work=True)
+        others = None
         try:
             await _bootstrap_admin(engine)
-            await runner.setup()
-            await web.TCPSite(runner, settings.host, settings.port).start()
+            await _listen(runner, settings, first=True)
             url = f"http://{settings.host}:{settings.port}"
             if demo:
                 await _seed_demo(engine, url)
-            print(f"flashsale: listening on {url} (Ctrl-C to stop)", flush=True)
+            if settings.workers > 1:
+                others = OtherFrontEnds(settings.workers - 1, settings, database.dsn,
+                                        settings.ray_address
+                                        or ray.get_runtime_context().gcs_address)
+            print(f"flashsale: listening on {url} with {settings.workers} front end"
+                  f"{'s' if settings.workers > 1 else ''} (Ctrl-C to stop)", flush=True)
             await stop.wait()
-        except OSError as error:
-            raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: "
-                              f"{error.strerror}") from None
         finally:
+            if others is not None:
+                await others.stop()
             await runner.cleanup()
             await engine.stop()
     except (OSError, asyncpg.PostgresError) as error:

@@ -44,3 +44,11 @@ def test_bad_configuration_stops_the_start_with_one_line() -> None:
     assert process.returncode == 2
     assert err.strip().count("\n") == 0 and "FLASHSALE_PAYMENT_PROVIDER" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("workers", ["0", "65"])
+def test_a_worker_count_out_of_range_stops_the_start_with_one_line(workers: str) -> None:
+    process = flashsale("serve", "--workers", workers)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert err.strip() == f"flashsale: --workers must be between 1 and 64, got {workers}"

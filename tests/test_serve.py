@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from helpers import free_port
 
@@ -17,9 +19,11 @@ ADMIN = {"email": "ops@example.com", "password": "ops-pass-1"}
 
 
 class Server:
-    def __init__(self, data_dir: Path, port: int, *args: str) -> None:
+    def __init__(self, data_dir: Path, port: int, *args: str,
+                 env: dict[str, str] | None = None) -> None:
         env = {**os.environ, "FLASHSALE_ADMIN_EMAIL": ADMIN["email"],
-               "FLASHSALE_ADMIN_PASSWORD": ADMIN["password"], "FLASHSALE_BCRYPT_ROUNDS": "4"}
+               "FLASHSALE_ADMIN_PASSWORD": ADMIN["password"], "FLASHSALE_BCRYPT_ROUNDS": "4",
+               **(env or {})}
         env.pop("FLASHSALE_DATABASE_URL", None)
         env.pop("RAY_ADDRESS", None)
         self.url = f"http://127.0.0.1:{port}"
@@ -28,11 +32,15 @@ class Server:
              "--data-dir", str(data_dir), *args],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output: list[str] = []
+        self.wait_for("listening on")
+
+    def wait_for(self, pattern: str) -> re.Match[str]:
+        """The next line of output that matches `pattern`."""
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.output.append(line)
-            if "listening on" in line:
-                return
+            if found := re.search(pattern, line):
+                return found
         raise AssertionError("the server exited:\n" + "".join(self.output))
 
     def call(self, method: str, path: str, body: object = None, token: str | None = None,
@@ -98,3 +106,37 @@ def test_a_restart_on_the_same_data_dir_keeps_users_sales_and_orders(tmp_path: P
         assert (status, again["order_id"]) == (201, placed["order_id"])
     finally:
         server.stop()
+
+
+def _listening(server: Server, port: int) -> set[int]:
+    """The server's processes that accept connections on `port`."""
+    parent = psutil.Process(server.process.pid)
+    return {p.pid for p in [parent, *parent.children(recursive=True)]
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                   for c in p.net_connections("tcp"))}
+
+
+@pytest.mark.timeout(240)
+def test_workers_share_the_port_and_the_rate_limits_and_one_killed_is_replaced(
+        tmp_path: Path) -> None:
+    port = free_port()
+    server = Server(tmp_path, port, "--workers", "2",
+                    env={"FLASHSALE_RATE_LIMITS": "register=3/60"})
+    try:
+        other = int(server.wait_for(r"front end (\d+) ready")[1])
+        assert _listening(server, port) == {server.process.pid, other}
+        # Each request on a new connection: the kernel spreads them over both front ends.
+        statuses = [server.call("POST", "/auth/register", {
+            "email": f"shopper{n}@example.com", "password": "sale-day-1",
+            "full_name": "Shopper"})[0] for n in range(8)]
+        assert statuses == [201] * 3 + [429] * 5
+
+        os.kill(other, signal.SIGKILL)
+        server.wait_for(rf"front end {other} exited \(-9\); starting another")
+        replacement = int(server.wait_for(r"front end (\d+) ready")[1])
+        assert _listening(server, port) == {server.process.pid, replacement}
+        assert [server.call("GET", "/health")[0] for _ in range(4)] == [200] * 4
+    finally:
+        log = server.stop()
+    assert "stopped" in log
+    assert not psutil.pid_exists(replacement)
