@@ -19,17 +19,26 @@ from ray.actor import ActorHandle
 
 from flashsale.actors import batching
 from flashsale.actors.messages import (
+    CancelOrder,
     CapturePayment,
     Command,
+    DefineProduct,
     FailPayment,
     OrderRecord,
     OrderStatus,
     PlaceOrder,
     ProductCounts,
+    ProductTerms,
     Rejection,
 )
-from flashsale.actors.product import Reply
-from flashsale.actors.product_actor import ProductUnavailable, counts_of, send
+from flashsale.actors.product import Policy, Reply
+from flashsale.actors.product_actor import (
+    ActorConfig,
+    ProductUnavailable,
+    counts_of,
+    now_ms,
+    send,
+)
 from flashsale.ids import uuid7
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
@@ -410,3 +419,55 @@ async def test_a_batch_whose_screen_hangs_is_answered_503_and_the_next_goes_thro
         with pytest.raises(ProductUnavailable):
             await batcher.submit(place())
         assert isinstance(await batcher.submit(place()), OrderRecord)
+
+
+async def _exited(pid: int, timeout_s: float = 15) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_an_ended_idle_sale_retires_its_actor_and_a_late_command_brings_it_back(
+    ray_session: None, database_dsn: str
+) -> None:
+    """An ended sale keeps no process while no hold is live; a late cancellation (or payment,
+    or refund) starts a new actor, which recovers the product from its log."""
+    config = ActorConfig(database_dsn, Policy(hold_ttl_ms=2_500), retire_after_idle_s=0.5)
+    router = batching.ProductRouter(config)
+    product_id = str(uuid.uuid4())
+    started = now_ms()
+    terms = ProductTerms(product_id, 1_000, "INR", started - 1_000, started + 1_500, 2)
+    try:
+        assert await router.define(product_id, DefineProduct(terms, 10)) is None
+        paid, failed, lapsing = [await router.submit(product_id, place()) for _ in range(3)]
+        assert isinstance(paid, OrderRecord) and isinstance(failed, OrderRecord)
+        await router.submit(product_id, CapturePayment(paid.order_id, "pay-1", 1_000, "INR"))
+        await router.submit(product_id, FailPayment(failed.order_id))
+        pid = await router.actor(product_id).pid.remote()
+
+        # Ended at +1.5 s and idle since, but a hold is live until +2.5 s: it stays.
+        await asyncio.sleep(max(0.0, (started + 2_200 - now_ms()) / 1000))
+        os.kill(pid, 0)
+        assert await _exited(pid), "the actor of an ended, idle sale did not retire"
+        stored = await asyncpg.connect(database_dsn)
+        try:
+            before = await committed_counts(stored, product_id)
+        finally:
+            await stored.close()
+        assert (before.reserved, before.sold) == (0, 1)  # the hold lapsed first
+
+        cancel = CancelOrder(paid.order_id, paid.user_id)
+        with pytest.raises(ProductUnavailable):  # this front end learns it retired
+            await router.submit(product_id, cancel)
+        cancelled = await router.submit(product_id, cancel)
+        assert isinstance(cancelled, OrderRecord) and cancelled.status is OrderStatus.CANCELLED
+        after = await router.counts(product_id)
+        assert after == ProductCounts(10, 10, 0, 0, before.last_seq + 1)
+        assert await router.actor(product_id).pid.remote() != pid
+    finally:
+        ray.kill(router.actor(product_id), no_restart=True)

@@ -43,6 +43,7 @@ class ProductBatcher:
         self._waiting: list[tuple[Command, asyncio.Future[Reply]]] = []
         self._in_flight = 0
         self._kick_scheduled = False
+        self.actor_gone = False  # for good: it retired (or was killed); see `ProductRouter`
 
     async def submit(self, cmd: Command) -> Reply:
         if len(self._waiting) >= QUEUE_DEPTH_MAX:
@@ -76,6 +77,7 @@ class ProductBatcher:
                 if not future.done():
                     future.set_result(reply)
         except Exception as error:  # every waiter must be answered, whatever failed
+            self.actor_gone |= isinstance(error, ray.exceptions.ActorDiedError)
             if not isinstance(error, ProductUnavailable | ray.exceptions.RayError | TimeoutError):
                 log.warning("product %s: batch failed", self._product_id, exc_info=True)
             failure = ProductUnavailable(f"product {self._product_id} did not answer: "
@@ -118,6 +120,11 @@ class ProductRouter:
 
     async def submit(self, product_id: str, cmd: Command) -> Reply:
         batcher = self._batchers.get(product_id)
+        if batcher is not None and batcher.actor_gone:
+            # The actor of an ended sale retires when idle; the next command starts another,
+            # which recovers the product from its log.
+            self._actors.pop(product_id, None)
+            batcher = None
         if batcher is None:
             batcher = ProductBatcher(product_id, self.actor(product_id), self._screen,
                                      lambda pid, counts: self.on_counts(pid, counts))
@@ -130,7 +137,7 @@ class ProductRouter:
             async with asyncio.timeout(ACTOR_START_TIMEOUT_S):
                 [reply] = await send(self.actor(product_id), [cmd])
         except (ray.exceptions.RayError, TimeoutError) as error:
-            raise ProductUnavailable(f"product {product_id}: {type(error).__name__}") from None
+            raise self._unavailable(product_id, error) from None
         return reply
 
     async def counts(self, product_id: str) -> ProductCounts:
@@ -138,4 +145,9 @@ class ProductRouter:
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 return await self.actor(product_id).counts.remote()
         except (ray.exceptions.RayError, TimeoutError) as error:
-            raise ProductUnavailable(f"product {product_id}: {type(error).__name__}") from None
+            raise self._unavailable(product_id, error) from None
+
+    def _unavailable(self, product_id: str, error: BaseException) -> ProductUnavailable:
+        if isinstance(error, ray.exceptions.ActorDiedError):
+            self._actors.pop(product_id, None)  # the next call starts another
+        return ProductUnavailable(f"product {product_id}: {type(error).__name__}")

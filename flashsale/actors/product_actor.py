@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import asyncpg
 import msgspec
+import ray
 from ray.actor import ActorHandle
 
 from flashsale.actors.messages import (
@@ -59,6 +60,8 @@ class ActorConfig(msgspec.Struct, frozen=True):
     policy: Policy = Policy()
     snapshot_every_events: int = 10_000  # at least; more once the state is larger
     queue_depth_max: int = QUEUE_DEPTH_MAX
+    # An ended sale's actor exits after this long without a call (see `_retirable`).
+    retire_after_idle_s: float = 300.0
 
 
 def encode_commands(commands: Sequence[Command]) -> bytes:
@@ -123,6 +126,8 @@ class ProductActor:
         # a shorter switch interval lets the WAL's loop answer PostgreSQL meanwhile.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._events_since_snapshot = 0
+        self._calls = 0  # calls being decided or waiting for their commit
+        self._last_call = time.monotonic()
         loop = asyncio.get_running_loop()  # Ray runs an async actor's constructor in its loop
         self._recovery = loop.create_task(self._recover())
         self._timer = loop.create_task(self._keep_house_forever())
@@ -130,7 +135,12 @@ class ProductActor:
     async def handle(self, blob: bytes) -> bytes:
         """Decide a batch of encoded commands; returns their encoded replies, in order, with
         the counts after them (front ends keep their product caches fresh from these)."""
-        replies = await self._decide_durably(_commands_decoder.decode(blob))
+        self._calls += 1
+        self._last_call = time.monotonic()
+        try:
+            replies = await self._decide_durably(_commands_decoder.decode(blob))
+        finally:
+            self._calls -= 1
         return _decided_encoder.encode(Decided(replies, counts_of(self._state)))
 
     async def counts(self) -> ProductCounts:
@@ -144,6 +154,14 @@ class ProductActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def retire(self) -> None:
+        """Exit for good if the product may still retire (a call may have come since it was
+        found retirable). Ray fails the calls that come later, and the front end that gets such
+        a failure starts the product again (`ProductRouter`)."""
+        if self._retirable():
+            log.info("product %s: sale ended and idle; retiring its actor", self._product_id)
+            ray.actor.exit_actor()
 
     async def _decide_durably(self, commands: list[Command]) -> list[Reply]:
         writer = await self._ready()
@@ -236,16 +254,31 @@ class ProductActor:
             raise ProductUnavailable(str(rebuilt.corruption))
         return conn, rebuilt
 
+    def _retirable(self) -> bool:
+        """An ended sale's actor holds a process (about 45 MB) for nothing once no hold is
+        left to expire: a late payment, a cancellation or a refund comes as a command, and a
+        new actor recovers the state for it. Idle for a while first, as those calls cluster."""
+        state, writer = self._state, self._writer
+        return (self._recovery.done() and writer is not None and writer.failure is None
+                and state.terms is not None
+                and now_ms() >= state.terms.sale_ends_at_ms and state.reserved == 0
+                and self._calls == 0 and writer.durable().done()
+                and time.monotonic() - self._last_call >= self._config.retire_after_idle_s)
+
     async def _keep_house_forever(self) -> None:
-        """Run the chores that fall due while no batch arrives to run them."""
+        """Run the chores that fall due while no batch arrives to run them; with none left,
+        retire the actor if it may (an actor exits only from one of its own calls)."""
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
-            if not (self._recovery.done() and self._chores(now_ms())):
+            if not self._recovery.done():
                 continue
-            try:
-                await self._decide_durably([])
-            except ProductUnavailable as error:
-                log.warning("product %s: housekeeping put off: %s", self._product_id, error)
+            if self._chores(now_ms()):
+                try:
+                    await self._decide_durably([])
+                except ProductUnavailable as error:
+                    log.warning("product %s: housekeeping put off: %s", self._product_id, error)
+            elif self._retirable():
+                ray.get_runtime_context().current_actor.retire.remote()
 
     def _chores(self, now: int) -> list[Command]:
         """Forgetting settled orders comes first: an order is never forgotten in the batch that
