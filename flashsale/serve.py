@@ -243,8 +243,8 @@ async def serve(settings: Settings, demo: bool) -> None:
                 others = OtherFrontEnds(settings.workers - 1, settings, database.dsn,
                                         settings.ray_address
                                         or ray.get_runtime_context().gcs_address)
-            print(f"flashsale: listening on {url} with {settings.workers} front end"
-                  f"{'s' if settings.workers > 1 else ''} (Ctrl-C to stop)", flush=True)
+            fronts = f" with {settings.workers} front ends" if settings.workers > 1 else ""
+            print(f"flashsale: listening on {url}{fronts} (Ctrl-C to stop)", flush=True)
             await stop.wait()
         finally:
             if others is not None:
