@@ -183,7 +183,7 @@ def _define(
 
 def _place(
     state: ProductState, terms: ProductTerms, cmd: PlaceOrder, now_ms: int, policy: Policy
-) -> tuple[Event, ...] | Rejection:
+) -> tuple[OrderPlaced, ...] | Rejection:
     if not 1 <= cmd.quantity <= QUANTITY_MAX:
         return Rejection.VALIDATION_ERROR
     earlier = _placed_with_key(state, cmd)
@@ -299,21 +299,7 @@ def apply(state: ProductState, event: Event) -> None:
     """Fold one logged event into the state. Validation happened in `decide`: this never fails."""
     match event:
         case OrderPlaced():  # first: the most frequent event by far
-            state.orders[event.order_id] = OrderRecord(
-                event.order_id,
-                event.user_id,
-                event.idempotency_key,
-                event.quantity,
-                event.unit_price_minor,
-                OrderStatus.PENDING,
-                event.at_ms,
-                event.expires_at_ms,
-                event.at_ms,
-            )
-            state.reserved += event.quantity
-            _add_units(state, event.user_id, event.quantity)
-            state.order_by_key[event.user_id, event.idempotency_key] = event.order_id
-            heapq.heappush(state.holds, (event.expires_at_ms, event.order_id))
+            _add_order(state, event)
             return  # a new hold settles none
         case ProductDefined(terms=terms, stock=stock):
             state.terms = terms
@@ -371,6 +357,25 @@ def apply(state: ProductState, event: Event) -> None:
     _drop_settled_holds(state)
 
 
+def _add_order(state: ProductState, event: OrderPlaced) -> OrderRecord:
+    order = state.orders[event.order_id] = OrderRecord(
+        event.order_id,
+        event.user_id,
+        event.idempotency_key,
+        event.quantity,
+        event.unit_price_minor,
+        OrderStatus.PENDING,
+        event.at_ms,
+        event.expires_at_ms,
+        event.at_ms,
+    )
+    state.reserved += event.quantity
+    _add_units(state, event.user_id, event.quantity)
+    state.order_by_key[event.user_id, event.idempotency_key] = event.order_id
+    heapq.heappush(state.holds, (event.expires_at_ms, event.order_id))
+    return order
+
+
 def _index(state: ProductState, order: OrderRecord) -> None:
     """Index an order that comes back; a key its order's absence let someone reuse stays theirs."""
     state.order_by_key.setdefault((order.user_id, order.idempotency_key), order.order_id)
@@ -422,8 +427,19 @@ def reply_for(state: ProductState, cmd: Command) -> OrderRecord | None:
 def execute(
     state: ProductState, cmd: Command, now_ms: int, policy: Policy
 ) -> tuple[Reply, tuple[Event, ...]]:
-    """Decide and apply one command; returns the caller's reply and the events to log."""
-    decision = decide(state, cmd, now_ms, policy)
+    """Decide and apply one command; returns the caller's reply and the events to log.
+
+    A new order, most of what a product hears, goes straight to `_place` and `_add_order`, the
+    steps `decide`, `apply` and `reply_for` would take it through: a quarter of its time was
+    their dispatch."""
+    decision: tuple[Event, ...] | Rejection
+    if type(cmd) is PlaceOrder and state.terms is not None:
+        placed = _place(state, state.terms, cmd, now_ms, policy)
+        if placed and not isinstance(placed, Rejection):
+            return _add_order(state, placed[0]), placed
+        decision = placed  # refused, or a duplicate answered with the earlier order
+    else:
+        decision = decide(state, cmd, now_ms, policy)
     if isinstance(decision, Rejection):
         return decision, ()
     for event in decision:
