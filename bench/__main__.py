@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--rate", type=float, help="requests per second on a fixed schedule "
                      "(open loop; latency counts from when each request was due); default: "
                      "closed loop, as fast as the server answers")
+    run.add_argument("--duration", type=float, metavar="S",
+                     help="send no order after S seconds on each side; the shoppers not reached "
+                     "by then do not try (default: every shopper tries once)")
     run.add_argument("--quick", action="store_true", help="a smaller crowd (under a minute)")
     run.add_argument("--out", default="bench-results", metavar="DIR",
                      help="where results go (default ./bench-results)")
@@ -57,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     values = {name: getattr(args, name) or DEFAULTS[name][pick] for name in DEFAULTS}
     if min(values.values()) < 1:
         parser.error("--shoppers, --stock and --connections must be positive")
+    if args.duration is not None and not args.duration > 0:
+        parser.error("--duration must be positive")
     run_bench(Params(args.scenario, values["shoppers"], values["stock"], values["connections"],
-                     args.rate, args.quick, Path(args.out)))
+                     args.rate, args.quick, Path(args.out), args.duration))
     return 0
 
 

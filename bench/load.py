@@ -4,9 +4,12 @@ Closed loop by default: C connections each take the next shopper as soon as they
 a request is due the moment a connection can send it. With `rate`, requests are due on a fixed
 schedule (open loop) and latency counts from that moment, queueing included: a slow server
 cannot hide its backlog by slowing the client (coordinated omission corrected, as in wrk2).
+With `duration_s`, no request is sent (or due) after that long: the shoppers not reached by then
+do not try.
 """
 
 import asyncio
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -75,7 +78,7 @@ async def _attempt(session: aiohttp.ClientSession, url: str,
 
 
 async def fire(url: str, shoppers: list[Shopper], connections: int, rate: float | None = None,
-               retry_unavailable: bool = False,
+               duration_s: float | None = None, retry_unavailable: bool = False,
                progress: Callable[[LoadResult], None] | None = None,
                result: LoadResult | None = None) -> LoadResult:
     """Every shopper tries once (and, with `retry_unavailable`, again after a 503 or a dropped
@@ -85,6 +88,7 @@ async def fire(url: str, shoppers: list[Shopper], connections: int, rate: float 
     connector = aiohttp.TCPConnector(limit=connections, force_close=False)
     timeout = aiohttp.ClientTimeout(total=60)
     started = result.started_at = time.perf_counter()
+    until = started + duration_s if duration_s is not None else math.inf
 
     async def one(index: int, shopper: Shopper, due: float) -> None:
         deadline = due + RETRY_DEADLINE_S
@@ -113,11 +117,10 @@ async def fire(url: str, shoppers: list[Shopper], connections: int, rate: float 
 
     async def worker() -> None:
         for index, shopper in queue:
-            if rate is None:
-                due = time.perf_counter()
-            else:
-                due = started + index / rate
-                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            due = time.perf_counter() if rate is None else started + index / rate
+            if due >= until:
+                return
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
             await one(index, shopper, due)
 
     async def report() -> None:

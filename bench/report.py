@@ -59,7 +59,7 @@ def write_report(params: "Params", sides: dict[str, Side]) -> dict[str, Any]:
         "scenario": params.scenario, "machine": machine(),
         "params": {"shoppers": params.shoppers, "stock": params.stock,
                    "connections": params.connections, "rate": params.rate,
-                   "quick": params.quick,
+                   "quick": params.quick, "duration_s": params.duration_s,
                    "mode": "closed loop" if params.rate is None else "open loop"},
         "engine": side_json(engine), "baseline": side_json(baseline),
         "ratio_throughput": round(ratio, 2),
@@ -77,8 +77,9 @@ def print_table(results: dict[str, Any]) -> None:
             ("orders created", "created", "{:,}"), ("5xx", "errors_5xx", "{:,}"),
             ("oversold", "oversold", "{:,}"), ("audit", "audit_ok", "{}")]
     params = results["params"]
+    limit = f", for at most {params['duration_s']:g} s" if params["duration_s"] else ""
     print(f"\nscenario {results['scenario']}: {params['shoppers']:,} shoppers, stock "
-          f"{params['stock']:,}, {params['connections']} connections, {params['mode']}")
+          f"{params['stock']:,}, {params['connections']} connections, {params['mode']}{limit}")
     print(f"{'':16}{'engine':>14}{'baseline':>14}")
     for name, key, style in rows:
         cells = [style.format(results[side][key]) for side in ("engine", "baseline")]

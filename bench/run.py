@@ -4,6 +4,7 @@ other, on the same machine, each audited afterwards."""
 import asyncio
 import datetime as dt
 import json
+import math
 import os
 import secrets
 import signal
@@ -49,6 +50,7 @@ class Params(NamedTuple):
     rate: float | None
     quick: bool
     out: Path
+    duration_s: float | None = None
 
 
 def say(message: str) -> None:
@@ -116,14 +118,17 @@ async def drive(target: Target, scenario: Scenario, params: Params,
                 for user, product in zip(users, scenario.shopper_products, strict=True)]
     say(f"{target.label}: {len(shoppers):,} shoppers over {params.connections} connections")
     result = LoadResult()
-    run = fire(target.url, shoppers, params.connections, params.rate,
+    run = fire(target.url, shoppers, params.connections, params.rate, params.duration_s,
                retry_unavailable=scenario.crash, progress=progress(target.label, len(shoppers)),
                result=result)
     if target.crash is None:
         await run
     else:
         async def crash_when_busy() -> None:
-            while result.answered < len(shoppers) * CRASH_AFTER_FRACTION:
+            # Part way through the shoppers, or through the time given, whichever comes first.
+            crash_at = time.perf_counter() + CRASH_AFTER_FRACTION * (params.duration_s or math.inf)
+            while (result.answered < len(shoppers) * CRASH_AFTER_FRACTION
+                   and time.perf_counter() < crash_at):
                 await asyncio.sleep(0.005)
             assert target.crash is not None
             await target.crash()

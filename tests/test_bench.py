@@ -1,15 +1,20 @@
 """The load-test harness's own logic: its audit, its scenarios, its results (not its speed)."""
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from bench.audit import ProductFacts, judge
+from bench.load import Shopper, fire
 from bench.scenarios import build
 
 STOCKS = {"p": 10}
@@ -83,3 +88,30 @@ def test_a_quick_hot_run_writes_results_and_plots(tmp_path: Path) -> None:
     for plot in ("throughput.png", "latency.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
     assert "throughput ratio engine/baseline" in run.stdout
+
+
+async def test_a_duration_stops_the_shoppers_not_reached_by_then() -> None:
+    """`--duration`: nothing is sent (or due) after it, in either loop. The target is a bare
+    HTTP server taking 10 ms per order: the client is what is under test."""
+    received = 0
+
+    async def take(_: web.Request) -> web.Response:
+        nonlocal received
+        received += 1
+        await asyncio.sleep(0.01)
+        return web.json_response({"order_id": str(uuid.uuid4())}, status=201)
+
+    app = web.Application()
+    app.router.add_post("/orders", take)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        shoppers = [Shopper("token", "product", str(n)) for n in range(10_000)]
+        url = str(server.make_url("")).rstrip("/")
+        closed = await fire(url, shoppers, connections=4, duration_s=0.5)
+        assert 0 < closed.answered == len(closed.created) == received < len(shoppers)
+        received = 0
+        opened = await fire(url, shoppers, connections=4, rate=100.0, duration_s=0.5)
+        assert opened.answered == received == 50  # due at 0, 10, ..., 490 ms
+    finally:
+        await server.close()
