@@ -1,11 +1,12 @@
 """`python -m bench`: measure the engine."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from bench.core import run_core
-from bench.run import Params, run_bench
+from bench.run import RUNNING_ENGINE_SETTINGS, Params, run_bench
 
 DEFAULTS = {"shoppers": (20_000, 2_000), "stock": (2_000, 200), "connections": (256, 64)}
 
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--rate", type=float, help="requests per second on a fixed schedule "
                      "(open loop; latency counts from when each request was due); default: "
                      "closed loop, as fast as the server answers")
+    run.add_argument("--url", help="target this running engine instead of starting one "
+                     "(hot and wide only). Set FLASHSALE_JWT_SECRET, FLASHSALE_ADMIN_EMAIL and "
+                     "FLASHSALE_ADMIN_PASSWORD to the engine's own, and run it with "
+                     "FLASHSALE_RATE_LIMITS=off: the crowd comes from one address. It is audited "
+                     "through its API; the baseline still runs here")
     run.add_argument("--duration", type=float, metavar="S",
                      help="send no order after S seconds on each side; the shoppers not reached "
                      "by then do not try (default: every shopper tries once)")
@@ -62,8 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--shoppers, --stock and --connections must be positive")
     if args.duration is not None and not args.duration > 0:
         parser.error("--duration must be positive")
+    if args.url is not None:
+        if not args.url.startswith(("http://", "https://")):
+            parser.error(f"--url must start with http:// or https://, got {args.url!r}")
+        if args.scenario not in ("hot", "wide"):
+            parser.error(f"--scenario {args.scenario} needs an engine the bench starts: its "
+                         "actors to kill or its hold time to shorten; --url runs hot and wide")
+        missing = [name for name in RUNNING_ENGINE_SETTINGS if not os.environ.get(name)]
+        if missing:
+            parser.error(f"--url needs {', '.join(missing)} set to the running engine's own")
     run_bench(Params(args.scenario, values["shoppers"], values["stock"], values["connections"],
-                     args.rate, args.quick, Path(args.out), args.duration))
+                     args.rate, args.quick, Path(args.out), args.duration, args.url))
     return 0
 
 

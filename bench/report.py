@@ -59,7 +59,7 @@ def write_report(params: "Params", sides: dict[str, Side]) -> dict[str, Any]:
         "scenario": params.scenario, "machine": machine(),
         "params": {"shoppers": params.shoppers, "stock": params.stock,
                    "connections": params.connections, "rate": params.rate,
-                   "quick": params.quick, "duration_s": params.duration_s,
+                   "quick": params.quick, "duration_s": params.duration_s, "url": params.url,
                    "mode": "closed loop" if params.rate is None else "open loop"},
         "engine": side_json(engine), "baseline": side_json(baseline),
         "ratio_throughput": round(ratio, 2),

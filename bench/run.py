@@ -39,6 +39,10 @@ SALES_CREATED_AT_ONCE = 10
 START_TIMEOUT_S = 120
 CACHE_SETTLE_S = 1.2  # engine product reads lag the actors by at most a second
 CRASH_AFTER_FRACTION = 0.3
+# What `--url` needs from the environment: the running engine's JWT key, so that the crowd's
+# tokens are its own, and its admin, to create the sales.
+RUNNING_ENGINE_SETTINGS = ("FLASHSALE_JWT_SECRET", "FLASHSALE_ADMIN_EMAIL",
+                           "FLASHSALE_ADMIN_PASSWORD")
 FLOW_HOLD_TTL_S = {True: 8, False: 30}  # quick, full: long enough to pay before holds lapse
 
 
@@ -51,6 +55,7 @@ class Params(NamedTuple):
     quick: bool
     out: Path
     duration_s: float | None = None
+    url: str | None = None  # a running engine to target instead of starting one
 
 
 def say(message: str) -> None:
@@ -163,6 +168,17 @@ def replay_problems(dsn: str, env: dict[str, str]) -> list[str]:
     return []
 
 
+async def running_engine_side(params: Params, scenario: Scenario, env: dict[str, str],
+                              tokens: Tokens) -> Side:
+    """`--url`: an engine someone else started, audited through its API only."""
+    assert params.url is not None
+    url = params.url.rstrip("/")
+    admin = {"email": env["FLASHSALE_ADMIN_EMAIL"], "password": env["FLASHSALE_ADMIN_PASSWORD"]}
+    target = Target("engine", url, await create_engine_products(url, scenario, admin), None)
+    shoppers, load = await drive(target, scenario, params, tokens)
+    return Side(load, await audit(target, scenario, shoppers, load))
+
+
 async def engine_side(params: Params, scenario: Scenario, dsn: str, env: dict[str, str],
                       tokens: Tokens, workdir: Path) -> Side:
     port = free_port()
@@ -175,7 +191,7 @@ async def engine_side(params: Params, scenario: Scenario, dsn: str, env: dict[st
     url = f"http://127.0.0.1:{port}"
     product_ids: list[str] = []
     try:
-        product_ids = await create_engine_products(url, scenario)
+        product_ids = await create_engine_products(url, scenario, ADMIN)
 
         async def kill_hot_actor() -> None:
             actor = ray.get_actor(actor_name(product_ids[0]), namespace=NAMESPACE)
@@ -228,12 +244,16 @@ async def pay_and_let_expire(url: str, scenario: Scenario, load: LoadResult,
     return {created.order_id for created in to_pay}
 
 
-async def create_engine_products(url: str, scenario: Scenario) -> list[str]:
+async def create_engine_products(url: str, scenario: Scenario,
+                                 admin: dict[str, str]) -> list[str]:
     now = dt.datetime.now(dt.UTC)
     gate = asyncio.Semaphore(SALES_CREATED_AT_ONCE)
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{url}/auth/login", json=ADMIN) as reply:
-            token = (await reply.json())["access_token"]
+        async with session.post(f"{url}/auth/login", json=admin) as reply:
+            body = await reply.json()
+            if reply.status != 200:
+                raise RuntimeError(f"the engine refused the admin's login: {body}")
+            token = body["access_token"]
 
         async def create(number: int, stock: int) -> str:
             async with gate, session.post(f"{url}/products", headers={
@@ -280,19 +300,23 @@ async def baseline_side(params: Params, scenario: Scenario, dsn: str, env: dict[
 
 async def measure(params: Params, server: EmbeddedPostgres, workdir: Path) -> dict[str, Side]:
     scenario = build(params.scenario, params.shoppers, params.stock, params.quick)
-    secret = secrets.token_urlsafe(48)
-    env = {**os.environ, "FLASHSALE_JWT_SECRET": secret, "FLASHSALE_BCRYPT_ROUNDS": "4",
-           "FLASHSALE_RATE_LIMITS": "off",  # the crowd comes from one address
-           "FLASHSALE_SANDBOX_WEBHOOK_SECRET": secrets.token_urlsafe(32),
-           "FLASHSALE_ADMIN_EMAIL": ADMIN["email"], "FLASHSALE_ADMIN_PASSWORD": ADMIN["password"]}
+    settings = {"FLASHSALE_JWT_SECRET": secrets.token_urlsafe(48), "FLASHSALE_BCRYPT_ROUNDS": "4",
+                "FLASHSALE_RATE_LIMITS": "off",  # the crowd comes from one address
+                "FLASHSALE_SANDBOX_WEBHOOK_SECRET": secrets.token_urlsafe(32),
+                "FLASHSALE_ADMIN_EMAIL": ADMIN["email"],
+                "FLASHSALE_ADMIN_PASSWORD": ADMIN["password"]}
+    if params.url is not None:  # the running engine's own: its shoppers' tokens, its admin
+        settings |= {name: os.environ[name] for name in RUNNING_ENGINE_SETTINGS}
+    env = {**os.environ, **settings}
     admin = await asyncpg.connect(server.dsn())
     try:
         for name in ("engine", "baseline"):
             await admin.execute(f"CREATE DATABASE {name}")
     finally:
         await admin.close()
-    tokens = Tokens(secret)
-    engine = await engine_side(params, scenario, server.dsn("engine"), env, tokens, workdir)
+    tokens = Tokens(env["FLASHSALE_JWT_SECRET"])
+    engine = (await running_engine_side(params, scenario, env, tokens) if params.url else
+              await engine_side(params, scenario, server.dsn("engine"), env, tokens, workdir))
     baseline = await baseline_side(params, scenario, server.dsn("baseline"), env, tokens, workdir)
     return {"engine": engine, "baseline": baseline}
 
@@ -302,9 +326,10 @@ def run_bench(params: Params) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="bench-run-", dir=params.out) as scratch:
         workdir = Path(scratch)
         server = EmbeddedPostgres(workdir).start()
-        os.environ.pop("RAY_ADDRESS", None)
-        ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 namespace=NAMESPACE)
+        if params.url is None:  # the engine we start joins the harness's own Ray instance
+            os.environ.pop("RAY_ADDRESS", None)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                     namespace=NAMESPACE)
         try:
             sides = uvloop.run(measure(params, server, workdir))
         finally:

@@ -3,10 +3,19 @@
 import asyncio
 import datetime as dt
 import itertools
+import json
+import os
 import random
+import re
+import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -108,3 +117,58 @@ async def forgotten(actor: ActorHandle, order_id: str, timeout_s: float = 15) ->
         assert time.monotonic() < deadline, f"order {order_id} was never forgotten"
         await asyncio.sleep(0.1)
     return state
+
+
+ADMIN = {"email": "ops@example.com", "password": "ops-pass-1"}
+
+
+class Server:
+    """`flashsale serve` as a user runs it: a process of its own, on its own data dir."""
+
+    def __init__(self, data_dir: Path, port: int, *args: str,
+                 env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "FLASHSALE_ADMIN_EMAIL": ADMIN["email"],
+               "FLASHSALE_ADMIN_PASSWORD": ADMIN["password"], "FLASHSALE_BCRYPT_ROUNDS": "4",
+               **(env or {})}
+        env.pop("FLASHSALE_DATABASE_URL", None)
+        env.pop("RAY_ADDRESS", None)
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flashsale.cli", "serve", "--port", str(port),
+             "--data-dir", str(data_dir), *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output: list[str] = []
+        self.wait_for("listening on")
+
+    def wait_for(self, pattern: str) -> re.Match[str]:
+        """The next line of output that matches `pattern`."""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            if found := re.search(pattern, line):
+                return found
+        raise AssertionError("the server exited:\n" + "".join(self.output))
+
+    def call(self, method: str, path: str, body: object = None, token: str | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        request = urllib.request.Request(self.url + path, method=method,
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json",
+                                                  **({"Authorization": f"Bearer {token}"}
+                                                     if token else {}), **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def login(self, email: str, password: str) -> str:
+        status, body = self.call("POST", "/auth/login", {"email": email, "password": password})
+        assert status == 200, body
+        return str(body["access_token"])
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGTERM)
+        rest, _ = self.process.communicate(timeout=60)
+        assert self.process.returncode == 0, "".join(self.output) + rest
+        return "".join(self.output) + rest

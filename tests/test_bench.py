@@ -8,10 +8,12 @@ import sys
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from helpers import ADMIN, Server, free_port
 
 from bench.audit import ProductFacts, judge
 from bench.load import Shopper, fire
@@ -64,17 +66,23 @@ def test_scenarios_have_the_promised_shape() -> None:
         build("flood", 1, 1, quick=True)
 
 
-@pytest.mark.timeout(300)
-def test_a_quick_hot_run_writes_results_and_plots(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",
-                                                            "FLASHSALE_DATABASE_URL")}
+def quick_hot_run(out: Path, *args: str,
+                  env: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
+    """A small `bench run --scenario hot`: its results.json, and what it printed."""
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items()
+           if k not in ("RAY_ADDRESS", "FLASHSALE_DATABASE_URL")}
     run = subprocess.run(
         [sys.executable, "-m", "bench", "run", "--scenario", "hot", "--quick", "--shoppers",
-         "300", "--stock", "30", "--connections", "16", "--out", str(tmp_path)],
+         "300", "--stock", "30", "--connections", "16", "--out", str(out), *args],
         env=env, capture_output=True, text=True, timeout=280,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    return json.loads((out / "results.json").read_text()), run.stdout
+
+
+@pytest.mark.timeout(300)
+def test_a_quick_hot_run_writes_results_and_plots(tmp_path: Path) -> None:
+    results, printed = quick_hot_run(tmp_path)
     assert results["scenario"] == "hot" and results["machine"]["cpus"] >= 1
     assert results["params"]["shoppers"] == 300
     fields = {"orders_per_s", "p50_ms", "p99_ms", "max_ms", "created", "rejected",
@@ -87,7 +95,7 @@ def test_a_quick_hot_run_writes_results_and_plots(tmp_path: Path) -> None:
     assert results["ratio_throughput"] > 0
     for plot in ("throughput.png", "latency.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
-    assert "throughput ratio engine/baseline" in run.stdout
+    assert "throughput ratio engine/baseline" in printed
 
 
 async def test_a_duration_stops_the_shoppers_not_reached_by_then() -> None:
@@ -115,3 +123,24 @@ async def test_a_duration_stops_the_shoppers_not_reached_by_then() -> None:
         assert opened.answered == received == 50  # due at 0, 10, ..., 490 ms
     finally:
         await server.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_run_targets_a_running_engine_with_url(tmp_path: Path) -> None:
+    """`--url`: the engine is one a user started (its JWT key, its admin); the bench creates
+    the sale through its API, fires, and audits it through its API."""
+    engine_env = {"FLASHSALE_JWT_SECRET": "a-running-engine's-own-key-0123456789abcdef",
+                  "FLASHSALE_RATE_LIMITS": "off"}
+    port = free_port()
+    engine = Server(tmp_path / "engine", port, env=engine_env)
+    try:
+        results, _ = quick_hot_run(tmp_path / "out", "--url", engine.url, env={
+            **engine_env, "FLASHSALE_ADMIN_EMAIL": ADMIN["email"],
+            "FLASHSALE_ADMIN_PASSWORD": ADMIN["password"]})
+        assert results["params"]["url"] == engine.url
+        assert results["engine"]["audit_ok"] and results["engine"]["created"] == 30
+        assert results["engine"]["oversold"] == 0 and results["baseline"]["created"] == 30
+        status, products = engine.call("GET", "/products")
+        assert status == 200 and [p["sold"] + p["reserved"] for p in products] == [30]
+    finally:
+        engine.stop()
