@@ -52,9 +52,15 @@ def test_a_restart_on_the_same_data_dir_keeps_users_sales_and_orders(tmp_path: P
 def _listening(server: Server, port: int) -> set[int]:
     """The server's processes that accept connections on `port`."""
     parent = psutil.Process(server.process.pid)
-    return {p.pid for p in [parent, *parent.children(recursive=True)]
-            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
-                   for c in p.net_connections("tcp"))}
+    found = set()
+    for process in [parent, *parent.children(recursive=True)]:
+        try:  # Ray starts and ends worker processes of its own meanwhile
+            connections = process.net_connections("tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections):
+            found.add(process.pid)
+    return found
 
 
 @pytest.mark.timeout(240)
