@@ -54,6 +54,13 @@ async def test_a_window_refuses_past_its_count_then_resets(counts: Counts) -> No
         await limiter.check(("order", "alice"))
 
 
+async def test_a_sweep_drops_only_the_counts_of_ended_windows(counts: Counts) -> None:
+    await counts.count([("order", "alice", 16), ("ip", "10.0.0.1", 17)])
+    await counts.sweep({"order": 17, "ip": 17})
+    # alice's window 16 is gone, so a late request in it starts over; the address's is kept
+    assert await counts.count([("order", "alice", 16), ("ip", "10.0.0.1", 17)]) == [1, 2]
+
+
 async def test_over_http_the_limits_answer_429_with_retry_after(make_api: Any) -> None:
     api = await make_api(rate_limits={**DEFAULT_LIMITS, "register": Limit(2, 60),
                                       "order": Limit(2, 60)})

@@ -5,6 +5,7 @@ order path cannot afford. Several (`flashsale serve --workers N`) must share the
 client's connections land on any of them: they count in PostgreSQL, one statement per request.
 """
 
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -17,8 +18,7 @@ from aiohttp.typedefs import Middleware
 from flashsale.config import Limit
 from flashsale.http.problems import ApiError
 
-KEYS_MAX = 1_000_000  # counters kept in memory before stale windows are swept
-SWEEP_INTERVAL_S = 60.0  # how often a front end clears the shared table's ended windows
+SWEEP_INTERVAL_S = 60.0  # how often a front end drops the counts of ended windows
 
 # (kind, key, window number): one request to count against a limit.
 Counted = tuple[str, str, int]
@@ -29,29 +29,29 @@ class Counts(Protocol):
         """Count each request in its window; the window's count so far, request by request."""
         ...
 
+    async def sweep(self, windows: dict[str, int]) -> None:
+        """Drop the counts of windows before each kind's current one."""
+        ...
+
 
 class LocalCounts:
     """This process's counters."""
 
     def __init__(self) -> None:
         self._windows: dict[tuple[str, str], tuple[int, int]] = {}
-        self._newest: dict[str, int] = {}  # the newest window seen, by kind
 
     async def count(self, requests: list[Counted]) -> list[int]:
-        if len(self._windows) >= KEYS_MAX:
-            self._sweep()
         counts = []
         for kind, key, window in requests:
             seen_window, count = self._windows.get((kind, key), (window, 0))
             count = count + 1 if seen_window >= window else 1
             self._windows[(kind, key)] = (max(seen_window, window), count)
-            self._newest[kind] = max(self._newest.get(kind, window), window)
             counts.append(count)
         return counts
 
-    def _sweep(self) -> None:
+    async def sweep(self, windows: dict[str, int]) -> None:
         self._windows = {slot: (window, count) for slot, (window, count) in self._windows.items()
-                         if window >= self._newest[slot[0]]}
+                         if window >= windows[slot[0]]}
 
 
 _COUNT = """
@@ -63,38 +63,32 @@ SET count = CASE WHEN c.window_no >= excluded.window_no THEN c.count + 1 ELSE 1 
     window_no = greatest(c.window_no, excluded.window_no)
 RETURNING kind, count
 """
+_SWEEP = """
+DELETE FROM rate_counts c USING unnest($1::text[], $2::int8[]) AS w(kind, window_no)
+WHERE c.kind = w.kind AND c.window_no < w.window_no
+"""
+_DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class SharedCounts:
     """Counters in PostgreSQL, shared by every front end on the database. A window only moves
     forward, so a front end whose clock lags cannot reset another's count."""
 
-    def __init__(self, db: asyncpg.Pool, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, db: asyncpg.Pool) -> None:
         self._db = db
-        self._clock = clock
-        self._swept_at = clock()
-        self._newest: dict[str, int] = {}
 
     async def count(self, requests: list[Counted]) -> list[int]:
         kinds, keys, windows = (list(column) for column in zip(*requests, strict=True))
         try:
             rows = await self._db.fetch(_COUNT, kinds, keys, windows)
-            await self._sweep_now_and_then(requests)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except _DATABASE_ERRORS:
             raise ApiError("unavailable", "rate limits cannot be counted now") from None
         by_kind = {row["kind"]: row["count"] for row in rows}  # one key per kind in a request
         return [by_kind[kind] for kind in kinds]
 
-    async def _sweep_now_and_then(self, requests: list[Counted]) -> None:
-        for kind, _, window in requests:
-            self._newest[kind] = max(self._newest.get(kind, window), window)
-        if self._clock() - self._swept_at < SWEEP_INTERVAL_S:
-            return
-        self._swept_at = self._clock()
-        await self._db.execute(
-            "DELETE FROM rate_counts c USING unnest($1::text[], $2::int8[]) AS n(kind, newest) "
-            "WHERE c.kind = n.kind AND c.window_no < n.newest",
-            list(self._newest), list(self._newest.values()))
+    async def sweep(self, windows: dict[str, int]) -> None:
+        with contextlib.suppress(*_DATABASE_ERRORS):  # the next sweep takes them
+            await self._db.execute(_SWEEP, list(windows), list(windows.values()))
 
 
 class RateLimiter:
@@ -103,6 +97,7 @@ class RateLimiter:
         self._limits = limits
         self._counts = counts or LocalCounts()
         self._clock = clock  # wall time: front ends in several processes agree on windows
+        self._swept_at = clock()
 
     async def check(self, *requests: tuple[str, str]) -> None:
         """Count one request against each (kind, key); a 429 with Retry-After once a window's
@@ -111,6 +106,10 @@ class RateLimiter:
         windows = [int(now // self._limits[kind].window_s) for kind, _ in requests]
         counts = await self._counts.count(
             [(kind, key, window) for (kind, key), window in zip(requests, windows, strict=True)])
+        if now - self._swept_at >= SWEEP_INTERVAL_S:
+            self._swept_at = now
+            await self._counts.sweep({kind: int(now // limit.window_s)
+                                      for kind, limit in self._limits.items()})
         for (kind, _), window, count in zip(requests, windows, counts, strict=True):
             limit = self._limits[kind]
             if count > limit.requests:
