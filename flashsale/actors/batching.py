@@ -35,15 +35,16 @@ CountsListener = Callable[[str, ProductCounts], None]
 
 class ProductBatcher:
     def __init__(self, product_id: str, actor: ActorHandle, screen: Screen | None,
-                 on_counts: CountsListener) -> None:
+                 on_counts: CountsListener,
+                 on_actor_gone: Callable[[], None] = lambda: None) -> None:
         self._product_id = product_id
         self._actor = actor
         self._screen = screen
         self._on_counts = on_counts
+        self._on_actor_gone = on_actor_gone  # for good: it retired, or was killed
         self._waiting: list[tuple[Command, asyncio.Future[Reply]]] = []
         self._in_flight = 0
         self._kick_scheduled = False
-        self.actor_gone = False  # for good: it retired (or was killed); see `ProductRouter`
 
     async def submit(self, cmd: Command) -> Reply:
         if len(self._waiting) >= QUEUE_DEPTH_MAX:
@@ -77,7 +78,8 @@ class ProductBatcher:
                 if not future.done():
                     future.set_result(reply)
         except Exception as error:  # every waiter must be answered, whatever failed
-            self.actor_gone |= isinstance(error, ray.exceptions.ActorDiedError)
+            if isinstance(error, ray.exceptions.ActorDiedError):
+                self._on_actor_gone()
             if not isinstance(error, ProductUnavailable | ray.exceptions.RayError | TimeoutError):
                 log.warning("product %s: batch failed", self._product_id, exc_info=True)
             failure = ProductUnavailable(f"product {self._product_id} did not answer: "
@@ -120,14 +122,10 @@ class ProductRouter:
 
     async def submit(self, product_id: str, cmd: Command) -> Reply:
         batcher = self._batchers.get(product_id)
-        if batcher is not None and batcher.actor_gone:
-            # The actor of an ended sale retires when idle; the next command starts another,
-            # which recovers the product from its log.
-            self._actors.pop(product_id, None)
-            batcher = None
         if batcher is None:
             batcher = ProductBatcher(product_id, self.actor(product_id), self._screen,
-                                     lambda pid, counts: self.on_counts(pid, counts))
+                                     lambda pid, counts: self.on_counts(pid, counts),
+                                     lambda: self._forget(product_id))
             self._batchers[product_id] = batcher
         return await batcher.submit(cmd)
 
@@ -149,5 +147,11 @@ class ProductRouter:
 
     def _unavailable(self, product_id: str, error: BaseException) -> ProductUnavailable:
         if isinstance(error, ray.exceptions.ActorDiedError):
-            self._actors.pop(product_id, None)  # the next call starts another
+            self._forget(product_id)
         return ProductUnavailable(f"product {product_id}: {type(error).__name__}")
+
+    def _forget(self, product_id: str) -> None:
+        """The product's actor is gone for good: an ended sale's actor retires when idle. The
+        next command gets or creates another by name, which recovers the product from its log."""
+        self._actors.pop(product_id, None)
+        self._batchers.pop(product_id, None)
