@@ -2,7 +2,9 @@
 
 One front end keeps its counters in its own memory, at no database or Ray round trip, which the
 order path cannot afford. Several (`flashsale serve --workers N`) must share them, since a
-client's connections land on any of them: they count in PostgreSQL, one statement per request.
+client's connections land on any of them: they count in PostgreSQL. That is one statement per
+request for its address (and login or register), and one more on the routes that count per user
+once the token is read (orders, refresh).
 """
 
 import contextlib
