@@ -1,5 +1,5 @@
 """The front end's catalogue: counts read from what the sales' commits record (no Ray call for a
-sale that has them), across a PostgreSQL restart."""
+sale that has them), across a PostgreSQL restart, and sales whose times were set by hand."""
 
 import asyncio
 import datetime as dt
@@ -11,6 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import ray
+from conftest import ApiFactory
 
 from flashsale.actors.batching import ProductRouter
 from flashsale.actors.messages import OrderRecord, PlaceOrder, ProductCounts
@@ -80,3 +81,24 @@ async def _place(router: ProductRouter, product_id: str) -> object:
         return await router.submit(product_id, PlaceOrder(uuid7(), str(uuid.uuid4()), "k", 1))
     except Exception as error:  # noqa: BLE001 - a 503 while the sale recovers
         return error
+
+
+async def test_a_sale_whose_times_were_set_to_infinity_by_hand_is_served(
+    database_dsn: str, make_api: ApiFactory
+) -> None:
+    conn = await asyncpg.connect(database_dsn)
+    product_id = await conn.fetchval(
+        """INSERT INTO products (id, name, price_minor, currency, initial_stock, sale_starts_at,
+                                 sale_ends_at, per_user_limit)
+           VALUES (gen_random_uuid(), 'open-ended', 100, 'INR', 5, '-infinity', 'infinity', 1)
+           RETURNING id::text""")
+    await conn.close()
+    api = await make_api()  # its catalogue defines the sale's actor as it starts
+    status, product, _ = await api.call("GET", f"/products/{product_id}")
+    assert status == 200, product
+    assert (product["status"], product["available"]) == ("active", 5)
+    assert (product["sale_starts_at"], product["sale_ends_at"]) == (
+        "0001-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z")
+    _, token = await api.register()
+    status, order = await api.order(token, product_id)
+    assert (status, order["status"]) == (201, "pending")

@@ -35,7 +35,16 @@ def _epoch_ms(moment: dt.datetime) -> int:
 
 
 def _row(record: asyncpg.Record) -> ProductRow:
-    return ProductRow(**dict(record))
+    fields = dict(record)
+    for name in ("sale_starts_at", "sale_ends_at"):
+        fields[name] = _aware(fields[name])
+    return ProductRow(**fields)
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    """asyncpg reads PostgreSQL's -infinity and infinity (an open-ended sale, set by hand) as
+    naive datetime.min and datetime.max: they stand for the first and last moments in UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
 
 
 async def insert_product(db: asyncpg.Pool, name: str, price_minor: int, currency: str,
