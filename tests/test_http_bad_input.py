@@ -61,3 +61,24 @@ async def test_nul_in_text_is_refused(api: Api) -> None:
     status, body, _ = await api.call("POST", "/products", await api.admin(), sale)
     assert (status, body["code"]) == (400, "validation_error")
     assert (await api.call("POST", "/auth/register", body=good))[0] == 201
+
+
+async def test_sale_times_the_engine_cannot_keep_are_refused(api: Api) -> None:
+    admin = await api.admin()
+
+    async def create(starts_at: str, ends_at: str) -> tuple[int, str]:
+        status, body, _ = await api.call("POST", "/products", admin, {
+            "name": "Odd times", "price": 1, "stock": 1,
+            "sale_starts_at": starts_at, "sale_ends_at": ends_at})
+        return status, body.get("code", "")
+
+    # asyncpg stores the first and last moments Python knows as PostgreSQL's infinities.
+    assert await create("0001-01-01T00:00:00Z", "2030-01-01T00:00:00Z") == (
+        400, "validation_error")
+    assert await create("2029-01-01T00:00:00Z", "9999-12-31T23:59:59.999999Z") == (
+        400, "validation_error")
+    assert await create("1969-12-31T23:59:59Z", "2030-01-01T00:00:00Z") == (
+        400, "validation_error")
+    assert await create("2029-01-01T00:00:00Z", "9998-12-31T00:00:00Z") == (201, "")
+    status, listed, _ = await api.call("GET", "/products")
+    assert status == 200 and [p["name"] for p in listed] == ["Odd times"]

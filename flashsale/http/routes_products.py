@@ -1,5 +1,6 @@
 """Sales: admins create and restock them; anyone reads them (from the catalogue cache)."""
 
+import datetime as dt
 import uuid
 
 from aiohttp import web
@@ -8,8 +9,19 @@ from flashsale.actors.messages import Rejection, Restock
 from flashsale.actors.product_actor import ProductUnavailable
 from flashsale.http.engine import ENGINE
 from flashsale.http.problems import ApiError, rejected
-from flashsale.http.schemas import ProductCreate, RestockRequest, json_response, read_body
+from flashsale.http.schemas import (
+    ProductCreate,
+    RestockRequest,
+    json_response,
+    read_body,
+    rfc3339,
+)
 from flashsale.persistence.products import ProductRow, insert_product
+
+# A sale's terms hold its times as milliseconds since the Unix epoch, and asyncpg would store the
+# ends of Python's datetime range as PostgreSQL's -infinity and infinity.
+SALE_TIMES_FROM = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+SALE_TIMES_UNTIL = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
 
 
 async def _existing(request: web.Request) -> ProductRow:
@@ -30,6 +42,9 @@ async def create_product(request: web.Request) -> web.Response:
     body = await read_body(request, ProductCreate)
     if body.sale_ends_at <= body.sale_starts_at:
         raise ApiError("validation_error", "sale_ends_at must be after sale_starts_at")
+    if body.sale_starts_at < SALE_TIMES_FROM or body.sale_ends_at > SALE_TIMES_UNTIL:
+        window = f"{rfc3339(SALE_TIMES_FROM)} and {rfc3339(SALE_TIMES_UNTIL)}"
+        raise ApiError("validation_error", f"sale times must fall between {window}")
     row = await insert_product(engine.db, body.name, body.price, body.currency, body.stock,
                                body.sale_starts_at, body.sale_ends_at, body.per_user_limit)
     try:
