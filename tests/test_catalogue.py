@@ -1,5 +1,6 @@
 """The front end's catalogue: counts read from what the sales' commits record (no Ray call for a
-sale that has them), across a PostgreSQL restart, and sales whose times were set by hand."""
+sale that has them), across a PostgreSQL restart and a failed refresh, and sales whose times
+were set by hand."""
 
 import asyncio
 import datetime as dt
@@ -16,12 +17,13 @@ from conftest import ApiFactory
 from flashsale.actors.batching import ProductRouter
 from flashsale.actors.messages import OrderRecord, PlaceOrder, ProductCounts
 from flashsale.actors.product_actor import ActorConfig
+from flashsale.http import catalogue as catalogue_module
 from flashsale.http.catalogue import Catalogue
 from flashsale.ids import uuid7
 from flashsale.persistence.database import create_pool
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
-from flashsale.persistence.products import insert_product
+from flashsale.persistence.products import committed_counts, insert_product
 
 
 async def test_counts_come_back_after_a_postgres_restart_and_the_outage_is_logged_once(
@@ -81,6 +83,46 @@ async def _place(router: ProductRouter, product_id: str) -> object:
         return await router.submit(product_id, PlaceOrder(uuid7(), str(uuid.uuid4()), "k", 1))
     except Exception as error:  # noqa: BLE001 - a 503 while the sale recovers
         return error
+
+
+async def test_a_refresh_that_fails_for_an_unknown_reason_does_not_end_the_refreshes(
+    ray_session: None, database_dsn: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    db = await create_pool(database_dsn, min_size=1, max_size=2)
+    router = ProductRouter(ActorConfig(database_dsn))
+    now = dt.datetime.now(dt.UTC)
+    row = await insert_product(db, "sale", 100, "INR", 10, now, now + dt.timedelta(hours=1), 5)
+    try:
+        catalogue = Catalogue(db, router)
+        await catalogue.define(row)
+        await catalogue.start()
+        failures = 0
+
+        async def failing_once(pool: asyncpg.Pool) -> dict[str, ProductCounts]:
+            nonlocal failures
+            if failures == 0:
+                failures += 1
+                raise RuntimeError("a bug in one refresh")
+            return await committed_counts(pool)
+
+        monkeypatch.setattr(catalogue_module, "committed_counts", failing_once)
+        caplog.set_level(logging.WARNING, logger="flashsale.http.catalogue")
+        await asyncio.sleep(0.7)  # the refresh fails once
+        assert failures == 1
+        elsewhere = ProductRouter(ActorConfig(database_dsn))  # another front end's order
+        assert isinstance(await _place(elsewhere, row.id), OrderRecord)
+        await asyncio.sleep(1.1)
+        assert catalogue.view(row).reserved == 1
+        await catalogue.stop()
+        failed = [r for r in caplog.records if r.name == "flashsale.http.catalogue"]
+        assert [r.getMessage() for r in failed] == [
+            "catalogue refresh failed, counts shown may be stale: a bug in one refresh",
+            "catalogue refresh works again"]
+        assert failed[0].exc_info is not None  # a bug, not an outage: its traceback is logged
+    finally:
+        ray.kill(router.actor(row.id), no_restart=True)
+        await db.close()
 
 
 async def test_a_sale_whose_times_were_set_to_infinity_by_hand_is_served(

@@ -100,9 +100,12 @@ class Catalogue:
                 if rounds % ROWS_RELOAD_EVERY == 0:
                     await self._reload_rows()
                 await self._refresh_counts()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            except Exception as error:  # noqa: BLE001 - one bad round must not end the refreshes
                 if not failing:
-                    log.warning("catalogue refresh failed, counts shown may be stale: %s", error)
+                    outage = isinstance(error, (OSError, asyncpg.PostgresError,
+                                                asyncpg.InterfaceError))
+                    log.warning("catalogue refresh failed, counts shown may be stale: %s", error,
+                                exc_info=not outage)
                 failing = True
                 continue
             if failing:
