@@ -12,6 +12,7 @@ import uvloop
 
 from flashsale.config import ConfigError, Settings, load_settings
 from flashsale.persistence.database import connect, open_database
+from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.replay import ProductReport, logged_products, report
 
 
@@ -111,6 +112,10 @@ def _replay(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--product must be a product id (a UUID), got {args.product!r}") from None
     settings = load_settings(data_dir=args.data_dir)
+    if not settings.database_url and not EmbeddedPostgres(settings.data_dir).initialized:
+        # Starting the embedded server would create an empty database and report nothing wrong.
+        raise ConfigError(f"no database in {settings.data_dir}: nothing to replay "
+                          "(check --data-dir or FLASHSALE_DATA_DIR)")
     return asyncio.run(_replay_async(settings, args.product, args.verify, args.json))
 
 

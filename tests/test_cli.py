@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import free_port
@@ -52,3 +53,16 @@ def test_a_worker_count_out_of_range_stops_the_start_with_one_line(workers: str)
     out, err = process.communicate(timeout=30)
     assert process.returncode == 2
     assert err.strip() == f"flashsale: --workers must be between 1 and 64, got {workers}"
+
+
+def test_replay_of_a_data_dir_without_a_database_says_so_and_creates_none(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "typo"
+    env = {k: v for k, v in os.environ.items() if k != "FLASHSALE_DATABASE_URL"}
+    process = flashsale("replay", "--data-dir", str(missing), env=env)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert err.strip() == (f"flashsale: no database in {missing}: nothing to replay "
+                           "(check --data-dir or FLASHSALE_DATA_DIR)")
+    assert not missing.exists()

@@ -51,6 +51,11 @@ class EmbeddedPostgres:
         info = PostmasterInfo.read_from_pgdata(self.pgdata)
         return info is not None and info.is_running()
 
+    @property
+    def initialized(self) -> bool:
+        """Whether the data directory holds a database (`start` would create one)."""
+        return (self.pgdata / "PG_VERSION").exists()
+
     def _configured(self) -> bool:
         settings = self.pgdata / "postgresql.auto.conf"
         return settings.exists() and "max_connections" in settings.read_text()
