@@ -165,7 +165,9 @@ async def test_forged_webhooks_are_refused_before_anything_else(api: Api) -> Non
     assert await api.engine.db.fetchval("SELECT count(*) FROM webhook_events") == 0
 
 
-async def test_signed_events_that_do_not_match_the_order_confirm_nothing(api: Api) -> None:
+async def test_signed_events_that_do_not_match_the_order_or_hold_nul_confirm_nothing(
+    api: Api,
+) -> None:
     product_id = await api.sale(stock=2)
     token, placed = await shopper_with_order(api, product_id)
     gateway = SandboxGateway(SANDBOX_SECRET, "")
@@ -182,8 +184,14 @@ async def test_signed_events_that_do_not_match_the_order_confirm_nothing(api: Ap
                              "payment_id": "p", "amount": PRICE, "currency": "INR"}).encode()
     status, reply = await send(api, other_type, gateway.sign(other_type))
     assert (status, reply["status"]) == (200, "ignored")
+    for field in ("id", "payment_id"):  # PostgreSQL text cannot hold NUL
+        with_nul = json.dumps({"id": "evt_n", "type": "payment.captured", "currency": "INR",
+                               "order_id": placed["order_id"], "payment_id": "pay_n",
+                               "amount": PRICE, field: "nul\x00"}).encode()
+        status, reply = await send(api, with_nul, gateway.sign(with_nul))
+        assert (status, reply["status"]) == (200, "ignored"), reply
     assert (await order_of(api, token, placed["order_id"]))["status"] == "pending"
-    assert await api.engine.db.fetchval("SELECT count(*) FROM webhook_events") == 4
+    assert await api.engine.db.fetchval("SELECT count(*) FROM webhook_events") == 6
 
 
 async def test_the_same_webhook_ten_times_at_once_changes_the_order_once(api: Api) -> None:

@@ -110,6 +110,11 @@ async def _paid_for_another_order(engine: Engine, event: PaymentEvent,
     return "the payment id belongs to another order"
 
 
+def _holds_nul(event: PaymentEvent) -> bool:
+    """PostgreSQL text cannot hold NUL, and no gateway sends it: not an event to act on."""
+    return any(isinstance(field, str) and "\x00" in field for field in event)
+
+
 async def webhook(request: web.Request) -> web.Response:
     """Signature first; then dedupe, keep the payload, check it against the order, and hand
     the outcome to the product's actor, which changes an order once whatever the order."""
@@ -125,6 +130,8 @@ async def webhook(request: web.Request) -> web.Response:
         event = provider.verify_webhook(raw, request.headers)
     except BadSignature as error:
         raise ApiError("invalid_token", str(error)) from None
+    if event is not None and _holds_nul(event):
+        event = None
     event_id = event.event_id if event else f"unparsed-{hashlib.sha256(raw).hexdigest()[:32]}"
     earlier = await record_webhook(engine.db, provider.name, event_id, raw)
     if earlier is not None:
