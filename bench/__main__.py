@@ -59,15 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", default="bench-results", metavar="DIR",
                      help="where results go (default ./bench-results)")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    try:  # before minutes of measuring, not after
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {out}: {error.strerror}")
     if args.command == "core":
-        run_core(args.quick, Path(args.out))
+        run_core(args.quick, out)
         return 0
     pick = 1 if args.quick else 0
-    values = {name: getattr(args, name) or DEFAULTS[name][pick] for name in DEFAULTS}
+    values = {name: DEFAULTS[name][pick] if getattr(args, name) is None else getattr(args, name)
+              for name in DEFAULTS}
     if min(values.values()) < 1:
         parser.error("--shoppers, --stock and --connections must be positive")
-    if args.duration is not None and not args.duration > 0:
-        parser.error("--duration must be positive")
+    for name in ("rate", "duration"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            parser.error(f"--{name} must be positive")
     if args.url is not None:
         if not args.url.startswith(("http://", "https://")):
             parser.error(f"--url must start with http:// or https://, got {args.url!r}")
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             parser.error(f"--url needs {', '.join(missing)} set to the running engine's own")
     run_bench(Params(args.scenario, values["shoppers"], values["stock"], values["connections"],
-                     args.rate, args.quick, Path(args.out), args.duration, args.url))
+                     args.rate, args.quick, out, args.duration, args.url))
     return 0
 
 

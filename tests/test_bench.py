@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from helpers import ADMIN, Server, free_port
 
+import bench.__main__ as bench_main
 from bench.audit import ProductFacts, judge
 from bench.load import Shopper, fire
 from bench.scenarios import build
@@ -64,6 +65,29 @@ def test_scenarios_have_the_promised_shape() -> None:
     assert popularity[0] > 5 * popularity[99]  # uneven: a few products draw the crowd
     with pytest.raises(ValueError):
         build("flood", 1, 1, quick=True)
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (["run", "--shoppers", "0"], "--shoppers, --stock and --connections must be positive"),
+    (["run", "--connections", "0"], "--shoppers, --stock and --connections must be positive"),
+    (["run", "--rate", "0"], "--rate must be positive"),
+    (["run", "--duration", "-1"], "--duration must be positive"),
+    (["run", "--out", "{file}/out"], "--out {file}/out: Not a directory"),
+    (["core", "--out", "{file}/out"], "--out {file}/out: Not a directory"),
+])
+def test_bad_arguments_stop_the_bench_before_it_measures(
+    args: list[str], error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    started: list[object] = []
+    monkeypatch.setattr(bench_main, "run_bench", started.append)
+    monkeypatch.setattr(bench_main, "run_core", lambda *a: started.append(a))
+    file = tmp_path / "a-file"
+    file.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main.main([arg.format(file=file) for arg in args])
+    assert exit_info.value.code == 2 and not started
+    assert capsys.readouterr().err.splitlines()[-1].endswith(error.format(file=file))
 
 
 def quick_hot_run(out: Path, *args: str,
