@@ -5,6 +5,7 @@ import re
 import secrets
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -81,6 +82,16 @@ def _int(env: dict[str, str], name: str, default: int, low: int, high: int) -> i
     return value
 
 
+def _public_url(raw: str | None) -> str | None:
+    """The base of payment links and webhook deliveries, without a trailing slash."""
+    if raw is None:
+        return None
+    url = urlsplit(raw)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"FLASHSALE_PUBLIC_URL must be an http:// or https:// URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
 def load_settings(env: dict[str, str] | None = None, **flags: object) -> Settings:
     """Build settings from `env` (default: the process environment) and non-None `flags`."""
     env = dict(os.environ) if env is None else env
@@ -106,12 +117,13 @@ def load_settings(env: dict[str, str] | None = None, **flags: object) -> Setting
         "hold_ttl_s": _int(env, "FLASHSALE_HOLD_TTL_S", 900, 1, 7 * 86_400),
         "cancel_window_s": _int(env, "FLASHSALE_CANCEL_WINDOW_S", 86_400, 0, 365 * 86_400),
         "payment_provider": provider,
-        "public_url": env.get("FLASHSALE_PUBLIC_URL") or None,
+        "public_url": _public_url(env.get("FLASHSALE_PUBLIC_URL") or None),
         "rate_limits": parse_limits(env.get("FLASHSALE_RATE_LIMITS")),
     }
     values.update({name: value for name, value in flags.items() if value is not None})
-    if isinstance(values["data_dir"], str):
-        values["data_dir"] = Path(values["data_dir"])
+    data_dir = values["data_dir"] = Path(str(values["data_dir"]))
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigError(f"the data dir {data_dir} is not a directory")
     port = values.get("port", 8080)
     if not isinstance(port, int) or not 1 <= port <= 65_535:
         raise ConfigError(f"--port must be between 1 and 65535, got {port}")

@@ -20,6 +20,7 @@ from flashsale.actors.product_actor import ActorConfig
 from flashsale.actors.registry import NAMESPACE, configure_ray
 from flashsale.config import ConfigError, Settings, stored_secret
 from flashsale.http.app import create_app
+from flashsale.http.auth import password_problem
 from flashsale.http.engine import Engine, start_engine
 from flashsale.payments.provider import PaymentProvider
 from flashsale.payments.razorpay_gateway import RazorpayGateway
@@ -78,13 +79,17 @@ def payment_provider(settings: Settings) -> PaymentProvider:
     return SandboxGateway(secret, f"{settings.base_url}/webhooks/sandbox")
 
 
-async def _bootstrap_admin(engine: Engine) -> None:
+def admin_from_env() -> tuple[str, str] | None:
+    """FLASHSALE_ADMIN_EMAIL and FLASHSALE_ADMIN_PASSWORD, checked before anything starts."""
     email, password = (os.environ.get("FLASHSALE_ADMIN_EMAIL"),
                        os.environ.get("FLASHSALE_ADMIN_PASSWORD"))
-    if email and password:
-        await ensure_admin(engine.db, email, await engine.passwords.hash(password))
-    elif email or password:
+    if not email and not password:
+        return None
+    if not email or not password:
         raise ConfigError("set both FLASHSALE_ADMIN_EMAIL and FLASHSALE_ADMIN_PASSWORD, or neither")
+    if weakness := password_problem(password):  # the rule every shopper's password follows
+        raise ConfigError(f"FLASHSALE_ADMIN_PASSWORD is too weak: {weakness}")
+    return email, password
 
 
 async def _seed_demo(engine: Engine, url: str) -> None:
@@ -222,6 +227,7 @@ class OtherFrontEnds:
 
 
 async def serve(settings: Settings, demo: bool) -> None:
+    admin = admin_from_env()
     stop = _stop_on_signals(signal.SIGINT, signal.SIGTERM)
     database = await open_database(settings)
     where = f"embedded, data in {database.embedded.pgdata}" if database.embedded else "external"
@@ -234,7 +240,9 @@ async def serve(settings: Settings, demo: bool) -> None:
                                                 payment_work=True)
         others = None
         try:
-            await _bootstrap_admin(engine)
+            if admin is not None:
+                email, password = admin
+                await ensure_admin(engine.db, email, await engine.passwords.hash(password))
             await _listen(runner, settings, first=True)
             url = f"http://{settings.host}:{settings.port}"
             if demo:

@@ -47,6 +47,29 @@ def test_bad_configuration_stops_the_start_with_one_line() -> None:
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(("admin", "error"), [
+    ({"FLASHSALE_ADMIN_EMAIL": "ops@example.com"},
+     "set both FLASHSALE_ADMIN_EMAIL and FLASHSALE_ADMIN_PASSWORD, or neither"),
+    ({"FLASHSALE_ADMIN_EMAIL": "ops@example.com", "FLASHSALE_ADMIN_PASSWORD": "secret"},
+     "FLASHSALE_ADMIN_PASSWORD is too weak: the password must be 8 to 72 bytes long"),
+    ({"FLASHSALE_ADMIN_EMAIL": "ops@example.com", "FLASHSALE_ADMIN_PASSWORD": "opspassword1"},
+     "FLASHSALE_ADMIN_PASSWORD is too weak: the password needs a special character"),
+])
+def test_admin_settings_are_checked_before_anything_starts(
+    admin: dict[str, str], error: str, tmp_path: Path,
+) -> None:
+    process = flashsale("serve", "--data-dir", str(tmp_path / "data"), env={**os.environ, **admin})
+    try:
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:  # it started serving instead: stop it cleanly
+            process.terminate()
+            process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert err.strip() == f"flashsale: {error}"
+    assert out == "" and not (tmp_path / "data").exists()  # no database, no Ray
+
+
 @pytest.mark.parametrize("workers", ["0", "65"])
 def test_a_worker_count_out_of_range_stops_the_start_with_one_line(workers: str) -> None:
     process = flashsale("serve", "--workers", workers)

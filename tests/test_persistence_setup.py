@@ -86,12 +86,20 @@ async def test_an_unreachable_database_is_one_clear_error(tmp_path: Path) -> Non
         ({"FLASHSALE_PAYMENT_PROVIDER": "razorpay", "RAZORPAY_KEY_ID": "k"}, "RAZORPAY_KEY_SECRET"),
         ({"FLASHSALE_HOLD_TTL_S": "soon"}, "FLASHSALE_HOLD_TTL_S must be an integer"),
         ({"FLASHSALE_BCRYPT_ROUNDS": "2"}, "between 4 and 31"),
+        ({"FLASHSALE_PUBLIC_URL": "shop.example.com"}, "must be an http:// or https:// URL"),
+        ({"FLASHSALE_PUBLIC_URL": "ftp://shop.example.com"}, "must be an http:// or https://"),
+        ({"FLASHSALE_DATA_DIR": "/dev/null"}, "the data dir /dev/null is not a directory"),
     ],
 )
 def test_bad_configuration_is_refused_with_a_clear_message(env: dict[str, str],
                                                            message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(env=env)
+
+
+def test_a_public_url_is_the_base_of_links_without_its_trailing_slash() -> None:
+    settings = load_settings(env={"FLASHSALE_PUBLIC_URL": "https://shop.example.com/sale/"})
+    assert settings.base_url == "https://shop.example.com/sale"
 
 
 def test_flags_override_the_environment() -> None:
