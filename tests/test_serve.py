@@ -1,4 +1,5 @@
-"""`flashsale serve` as a user runs it: embedded PostgreSQL, its own Ray, a restart."""
+"""`flashsale serve` as a user runs it: embedded PostgreSQL, its own Ray, a restart after
+`kill -9`."""
 
 import os
 import signal
@@ -8,9 +9,11 @@ import psutil
 import pytest
 from helpers import ADMIN, Server, free_port
 
+from flashsale.persistence.embedded import PostmasterInfo
+
 
 @pytest.mark.timeout(240)
-def test_a_restart_on_the_same_data_dir_keeps_users_sales_and_orders(tmp_path: Path) -> None:
+def test_a_server_killed_with_9_comes_back_with_users_sales_and_orders(tmp_path: Path) -> None:
     port = free_port()
     server = Server(tmp_path, port, "--demo")
     try:
@@ -31,8 +34,8 @@ def test_a_restart_on_the_same_data_dir_keeps_users_sales_and_orders(tmp_path: P
                                      shopper, {"X-Idempotency-Key": "before-restart"})
         assert status == 201, placed
     finally:
-        log = server.stop()
-    assert "stopped" in log
+        server.process.kill()  # its Ray dies with it; its embedded PostgreSQL does not
+        server.process.communicate(timeout=60)
 
     server = Server(tmp_path, port, "--demo")
     try:
@@ -46,7 +49,13 @@ def test_a_restart_on_the_same_data_dir_keeps_users_sales_and_orders(tmp_path: P
                                     shopper, {"X-Idempotency-Key": "before-restart"})
         assert (status, again["order_id"]) == (201, placed["order_id"])
     finally:
-        server.stop()
+        log = server.stop()
+    assert "stopped" in log
+    postmaster = PostmasterInfo.read_from_pgdata(tmp_path / "pg")
+    outlived = postmaster is not None and postmaster.is_running()
+    if postmaster is not None and outlived:
+        psutil.Process(postmaster.pid).terminate()
+    assert not outlived, "the database outlived the server"
 
 
 def _listening(server: Server, port: int) -> set[int]:

