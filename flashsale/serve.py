@@ -79,7 +79,7 @@ def payment_provider(settings: Settings) -> PaymentProvider:
     return SandboxGateway(secret, f"{settings.base_url}/webhooks/sandbox")
 
 
-def admin_from_env() -> tuple[str, str] | None:
+def _admin_from_env() -> tuple[str, str] | None:
     """FLASHSALE_ADMIN_EMAIL and FLASHSALE_ADMIN_PASSWORD, checked before anything starts."""
     email, password = (os.environ.get("FLASHSALE_ADMIN_EMAIL"),
                        os.environ.get("FLASHSALE_ADMIN_PASSWORD"))
@@ -227,7 +227,7 @@ class OtherFrontEnds:
 
 
 async def serve(settings: Settings, demo: bool) -> None:
-    admin = admin_from_env()
+    admin = _admin_from_env()
     stop = _stop_on_signals(signal.SIGINT, signal.SIGTERM)
     database = await open_database(settings)
     where = f"embedded, data in {database.embedded.pgdata}" if database.embedded else "external"
