@@ -115,15 +115,16 @@ async def make_api(ray_session: None, database_dsn: str) -> AsyncIterator[ApiFac
 
     async def make(payments: Callable[[str], PaymentProvider] | None = None,
                    hold_ttl_ms: int = HOLD_TTL_MS, forget_settled_after_ms: int = 600_000,
-                   rate_limits: dict[str, Limit] | None = None, shared: bool = False) -> Api:
-        config = ActorConfig(database_dsn, Policy(hold_ttl_ms=hold_ttl_ms,
+                   rate_limits: dict[str, Limit] | None = None, shared: bool = False,
+                   dsn: str = database_dsn) -> Api:
+        config = ActorConfig(dsn, Policy(hold_ttl_ms=hold_ttl_ms,
                                                   cancel_window_ms=CANCEL_WINDOW_MS,
                                                   forget_settled_after_ms=forget_settled_after_ms))
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         gateway = (payments(base_url) if payments else
                    SandboxGateway(SANDBOX_SECRET, f"{base_url}/webhooks/sandbox"))
-        engine = await start_engine(database_dsn, config, JWT_SECRET, bcrypt_rounds=4,
+        engine = await start_engine(dsn, config, JWT_SECRET, bcrypt_rounds=4,
                                     base_url=base_url, payments=gateway,
                                     rate_limits=rate_limits, shared_limits=shared,
                                     deactivated_refresh_s=0.2)

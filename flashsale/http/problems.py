@@ -3,6 +3,7 @@
 import logging
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 import msgspec
 from aiohttp import web
 
@@ -89,6 +90,12 @@ def problem(code: str, detail: str, headers: dict[str, str] | None = None) -> we
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
+# The database cannot be reached or cannot serve now (down, restarting, out of connections): the
+# client should retry. Other database errors stay bugs.
+DATABASE_DOWN = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                 asyncpg.exceptions.OperatorInterventionError,
+                 asyncpg.exceptions.InsufficientResourcesError)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -103,6 +110,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise
         code = _HTTP_CODES.get(error.status, "validation_error")
         return problem(code, error.reason or TITLE_OF[code])
+    except DATABASE_DOWN as error:
+        return problem("unavailable", f"the database cannot answer now ({type(error).__name__})")
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return problem("internal_error", "The server failed to answer; this is a bug.")
