@@ -16,6 +16,7 @@ from flashsale.actors.messages import Command, DefineProduct, ProductCounts, Rej
 from flashsale.actors.product import Reply
 from flashsale.actors.product_actor import ActorConfig, ProductUnavailable, send, send_batch
 from flashsale.actors.registry import product_actor
+from flashsale.persistence.database import DATABASE_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ class ProductBatcher:
         except Exception as error:  # every waiter must be answered, whatever failed
             if isinstance(error, ray.exceptions.ActorDiedError):
                 self._on_actor_gone()
-            if not isinstance(error, ProductUnavailable | ray.exceptions.RayError | TimeoutError):
+            expected = (ProductUnavailable, ray.exceptions.RayError, *DATABASE_DOWN)
+            if not isinstance(error, expected):
                 log.warning("product %s: batch failed", self._product_id, exc_info=True)
             failure = ProductUnavailable(f"product {self._product_id} did not answer: "
                                          f"{type(error).__name__}")

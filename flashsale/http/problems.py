@@ -3,11 +3,11 @@
 import logging
 from collections.abc import Awaitable, Callable
 
-import asyncpg
 import msgspec
 from aiohttp import web
 
 from flashsale.actors.messages import Rejection
+from flashsale.persistence.database import DATABASE_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,6 @@ def problem(code: str, detail: str, headers: dict[str, str] | None = None) -> we
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-
-# The database cannot be reached or cannot serve now (down, restarting, out of connections): the
-# client should retry. Other database errors stay bugs.
-DATABASE_DOWN = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-                 asyncpg.exceptions.OperatorInterventionError,
-                 asyncpg.exceptions.InsufficientResourcesError)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -11,6 +11,12 @@ from flashsale.persistence.migrate import migrate
 EMBEDDED_DATABASE = "flashsale"
 CONNECT_TIMEOUT_S = 10.0
 
+# The database cannot be reached or cannot serve now (down, restarting, out of connections): the
+# caller should retry. Other database errors are bugs.
+DATABASE_DOWN = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                 asyncpg.exceptions.OperatorInterventionError,
+                 asyncpg.exceptions.InsufficientResourcesError)
+
 
 class Database:
     """The engine's database: its DSN, and the embedded server when the engine runs one."""
