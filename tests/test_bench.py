@@ -17,6 +17,7 @@ from helpers import ADMIN, Server, free_port
 
 import bench.__main__ as bench_main
 from bench.audit import ProductFacts, judge
+from bench.core import CoreResult, CpuPerReservation, print_table
 from bench.load import Shopper, fire
 from bench.scenarios import build
 
@@ -65,6 +66,21 @@ def test_scenarios_have_the_promised_shape() -> None:
     assert popularity[0] > 5 * popularity[99]  # uneven: a few products draw the crowd
     with pytest.raises(ValueError):
         build("flood", 1, 1, quick=True)
+
+
+def test_the_core_table_says_how_many_cores_the_actor_keeps_busy(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cpu = CpuPerReservation(actor=9.0, postgres=4.0, driver=1.5, ray=0.5)
+    print_table(CoreResult(
+        reservations_per_s=100_000, batch_size=1_000, reservations=1_000_000,
+        cpu_us_per_reservation=cpu, pgbench_tps=2_500, ratio=40.0, recovery_s=0.5,
+        recovery_events=1_000_000, actor_rss_mb=90, actor_uss_mb=49, running_actor_uss_mb=57,
+        reserving_actor_recovery_s=3.5, reserving_actor_events=1_000_001,
+        reserving_actor_uss_mb=677, bare_ray_actor_uss_mb=43))
+    busy = next(line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("cores busy while reserving"))
+    assert f"actor 0.90, all 1.50 of {os.cpu_count()}" in busy
 
 
 @pytest.mark.parametrize(("args", "error"), [
