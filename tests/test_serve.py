@@ -3,13 +3,14 @@
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 from helpers import ADMIN, Server, free_port
 
-from flashsale.persistence.embedded import PostmasterInfo
+from flashsale.persistence.embedded import EmbeddedPostgres, PostmasterInfo
 
 
 @pytest.mark.timeout(240)
@@ -96,3 +97,21 @@ def test_workers_share_the_port_and_the_rate_limits_and_one_killed_is_replaced(
         log = server.stop()
     assert "stopped" in log
     assert not psutil.pid_exists(replacement)
+
+
+@pytest.mark.timeout(240)
+def test_health_answers_503_once_the_servers_ray_node_is_dead(tmp_path: Path) -> None:
+    server = Server(tmp_path, free_port())
+    try:
+        assert server.call("GET", "/health") == (200, {"status": "ok"})
+        descendants = psutil.Process(server.process.pid).children(recursive=True)
+        next(p for p in descendants if p.name() == "raylet").kill()
+        deadline = time.monotonic() + 90
+        while (status := server.call("GET", "/health")[0]) == 200:
+            assert time.monotonic() < deadline, "/health still answers 200 without a Ray node"
+            time.sleep(1)
+        assert status == 503
+    finally:
+        server.process.kill()
+        server.process.communicate(timeout=60)
+        EmbeddedPostgres(tmp_path).start().close()  # the killed server's database stops too

@@ -17,12 +17,20 @@ BODY_BYTES_MAX = 64 * 1024
 HEALTH_TIMEOUT_S = 2.0
 
 
+def _own_ray_node_alive() -> bool:
+    """Ray's control store marks a node dead about 20 s after its raylet dies. Until this
+    process's node is back, running actors may still answer, but no sale can start an actor."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return any(node["NodeID"] == node_id and node["Alive"] for node in ray.nodes())
+
+
 async def health(request: web.Request) -> web.Response:
     """200 once the database and Ray answer; 503 otherwise."""
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_S):
             await request.app[ENGINE].db.fetchval("SELECT 1")
-            await asyncio.to_thread(ray.cluster_resources)
+            if not await asyncio.to_thread(_own_ray_node_alive):
+                return problem("unavailable", "not ready: this front end's Ray node is dead")
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
             ray.exceptions.RayError) as error:
         return problem("unavailable", f"not ready: {type(error).__name__}")
