@@ -1,7 +1,9 @@
-"""Background tasks: stopping one the same way everywhere, and an event loop of its own."""
+"""Background tasks: stopping one the same way everywhere, logging their outages once, and an
+event loop of its own."""
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -31,3 +33,25 @@ class LoopThread:
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on this thread's loop; awaitable from any other loop."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+
+class Outage:
+    """A background round that keeps failing is logged when it starts failing and when it works
+    again, not at every round (a database outage would fill the log)."""
+
+    def __init__(self, logger: logging.Logger, what: str, meanwhile: str) -> None:
+        self._log = logger
+        self._what = what
+        self._meanwhile = meanwhile
+        self._failing = False
+
+    def failed(self, error: BaseException, *, with_traceback: bool = False) -> None:
+        if not self._failing:
+            self._log.warning("%s failed, %s: %s", self._what, self._meanwhile, error,
+                              exc_info=error if with_traceback else None)
+        self._failing = True
+
+    def worked(self) -> None:
+        if self._failing:
+            self._log.warning("%s works again", self._what)
+        self._failing = False

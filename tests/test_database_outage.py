@@ -1,7 +1,9 @@
-"""The API while its PostgreSQL is down: a 503 with Retry-After, never a 500, and service again
-once the database is back."""
+"""While PostgreSQL is down: the API answers 503 with Retry-After, never 500, and serves again
+once the database is back; background work logs the outage once."""
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -9,6 +11,9 @@ import asyncpg
 import pytest
 from conftest import ApiFactory
 
+from flashsale.payments.sandbox import SandboxGateway
+from flashsale.payments.worker import PaymentWorker
+from flashsale.persistence.database import create_pool
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
 
@@ -51,3 +56,35 @@ async def test_every_route_answers_503_while_the_database_is_down(
         await asyncio.to_thread(own_database.restart)
     status, me, _ = await api.call("GET", "/auth/me", token)
     assert (status, me["email"]) == (200, email)
+
+
+async def test_the_payment_worker_logs_an_outage_once_and_its_end(
+    own_database: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = await create_pool(own_database.dsn(), min_size=1, max_size=2)
+    worker = PaymentWorker(db, SandboxGateway("secret", "http://127.0.0.1:9/webhooks/sandbox"),
+                           poll_interval_s=0.05)
+    caplog.set_level(logging.WARNING, logger="flashsale.payments.worker")
+
+    def logged() -> list[str]:
+        return [r.getMessage().split(":")[0] for r in caplog.records
+                if r.name == "flashsale.payments.worker"]
+
+    async def until_logged(count: int) -> None:
+        deadline = time.monotonic() + 15
+        while len(logged()) < count:
+            assert time.monotonic() < deadline, logged()
+            await asyncio.sleep(0.05)
+
+    await asyncio.to_thread(own_database.stop)
+    worker.start()
+    try:
+        await until_logged(1)
+        await asyncio.sleep(0.5)  # ten more rounds fail
+        await asyncio.to_thread(own_database.restart)
+        await until_logged(2)
+    finally:
+        await worker.stop()
+        await db.close()
+    assert logged() == ["payment worker failed, refunds and lapsed sessions wait",
+                        "payment worker works again"]

@@ -15,13 +15,14 @@ from flashsale.actors.messages import DefineProduct, ProductCounts
 from flashsale.actors.product_actor import ProductUnavailable
 from flashsale.http.problems import ApiError
 from flashsale.http.schemas import ProductView, rfc3339
+from flashsale.persistence.database import DATABASE_DOWN
 from flashsale.persistence.products import (
     ProductRow,
     all_products,
     committed_counts,
     product_by_id,
 )
-from flashsale.tasks import stop_task
+from flashsale.tasks import Outage, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class Catalogue:
 
     async def _refresh_forever(self) -> None:
         rounds = 0
-        failing = False  # an outage is logged when it starts and when it ends, not twice a second
+        outage = Outage(log, "catalogue refresh", "counts shown may be stale")
         while True:
             await asyncio.sleep(COUNTS_REFRESH_S)
             rounds += 1
@@ -101,16 +102,9 @@ class Catalogue:
                     await self._reload_rows()
                 await self._refresh_counts()
             except Exception as error:  # noqa: BLE001 - one bad round must not end the refreshes
-                if not failing:
-                    outage = isinstance(error, (OSError, asyncpg.PostgresError,
-                                                asyncpg.InterfaceError))
-                    log.warning("catalogue refresh failed, counts shown may be stale: %s", error,
-                                exc_info=not outage)
-                failing = True
+                outage.failed(error, with_traceback=not isinstance(error, DATABASE_DOWN))
                 continue
-            if failing:
-                log.warning("catalogue refresh works again")
-            failing = False
+            outage.worked()
 
     async def _reload_rows(self) -> None:
         self._rows.update({row.id: row for row in await all_products(self._db)})

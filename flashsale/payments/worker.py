@@ -12,6 +12,7 @@ import aiohttp
 import asyncpg
 
 from flashsale.payments.provider import GatewayError, PaymentProvider
+from flashsale.persistence.database import DATABASE_DOWN
 from flashsale.persistence.payments import (
     claim_due_refunds,
     lapsed_sessions,
@@ -19,7 +20,7 @@ from flashsale.persistence.payments import (
     refund_accepted,
     refund_failed,
 )
-from flashsale.tasks import stop_task
+from flashsale.tasks import Outage, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,12 @@ class PaymentWorker:
         return accepted
 
     async def _run_forever(self) -> None:
+        outage = Outage(log, "payment worker", "refunds and lapsed sessions wait")
         while True:
             try:
                 await self.run_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                log.warning("payment worker: %s", error)
+            except Exception as error:  # noqa: BLE001 - one bad round must not end the refunds
+                outage.failed(error, with_traceback=not isinstance(error, DATABASE_DOWN))
+            else:
+                outage.worked()
             await asyncio.sleep(self._poll_interval_s)
