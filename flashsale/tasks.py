@@ -2,7 +2,6 @@
 event loop of its own."""
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import Coroutine
@@ -11,6 +10,7 @@ from typing import Any, TypeVar
 import uvloop
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 async def stop_task(task: "asyncio.Task[None] | None") -> None:
@@ -18,8 +18,13 @@ async def stop_task(task: "asyncio.Task[None] | None") -> None:
     if task is None:
         return
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        pass
+    except Exception as error:  # noqa: BLE001 - stopping goes on whatever the task says
+        # asyncpg, cancelled in the middle of some steps, raises an error of its own instead.
+        log.warning("task %s ended with %r as it was stopped", task.get_name(), error)
 
 
 class LoopThread:
