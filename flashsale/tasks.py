@@ -42,18 +42,21 @@ class LoopThread:
 
 class Outage:
     """A background round that keeps failing is logged when it starts failing and when it works
-    again, not at every round (a database outage would fill the log)."""
+    again, not at every round (a database outage would fill the log). An error other than the
+    `expected` ones is logged with its traceback."""
 
-    def __init__(self, logger: logging.Logger, what: str, meanwhile: str) -> None:
+    def __init__(self, logger: logging.Logger, what: str, meanwhile: str,
+                 expected: tuple[type[BaseException], ...]) -> None:
         self._log = logger
         self._what = what
         self._meanwhile = meanwhile
+        self._expected = expected
         self._failing = False
 
-    def failed(self, error: BaseException, *, with_traceback: bool = False) -> None:
+    def failed(self, error: BaseException) -> None:
         if not self._failing:
             self._log.warning("%s failed, %s: %s", self._what, self._meanwhile, error,
-                              exc_info=error if with_traceback else None)
+                              exc_info=None if isinstance(error, self._expected) else error)
         self._failing = True
 
     def worked(self) -> None:

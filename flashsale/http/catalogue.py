@@ -93,7 +93,7 @@ class Catalogue:
 
     async def _refresh_forever(self) -> None:
         rounds = 0
-        outage = Outage(log, "catalogue refresh", "counts shown may be stale")
+        outage = Outage(log, "catalogue refresh", "counts shown may be stale", DATABASE_DOWN)
         while True:
             await asyncio.sleep(COUNTS_REFRESH_S)
             rounds += 1
@@ -102,7 +102,7 @@ class Catalogue:
                     await self._reload_rows()
                 await self._refresh_counts()
             except Exception as error:  # noqa: BLE001 - one bad round must not end the refreshes
-                outage.failed(error, with_traceback=not isinstance(error, DATABASE_DOWN))
+                outage.failed(error)
                 continue
             outage.worked()
 

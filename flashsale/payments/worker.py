@@ -83,12 +83,13 @@ class PaymentWorker:
         return accepted
 
     async def _run_forever(self) -> None:
-        outage = Outage(log, "payment worker", "refunds and lapsed sessions wait")
+        outage = Outage(log, "payment worker", "refunds and lapsed sessions wait",
+                        DATABASE_DOWN)
         while True:
             try:
                 await self.run_once()
             except Exception as error:  # noqa: BLE001 - one bad round must not end the refunds
-                outage.failed(error, with_traceback=not isinstance(error, DATABASE_DOWN))
+                outage.failed(error)
             else:
                 outage.worked()
             await asyncio.sleep(self._poll_interval_s)
