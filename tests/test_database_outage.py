@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 from conftest import ApiFactory
 
+from flashsale.config import DEFAULT_LIMITS
 from flashsale.payments.sandbox import SandboxGateway
 from flashsale.payments.worker import PaymentWorker
 from flashsale.persistence.database import create_pool
@@ -29,10 +30,13 @@ async def own_database(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
     server.close()
 
 
+@pytest.mark.parametrize("shared_limits", [False, True], ids=["no limits", "shared limits"])
 async def test_every_route_answers_503_while_the_database_is_down(
-    own_database: EmbeddedPostgres, make_api: ApiFactory
+    own_database: EmbeddedPostgres, make_api: ApiFactory, shared_limits: bool
 ) -> None:
-    api = await make_api(dsn=own_database.dsn())
+    # Shared rate limits are counted in the database before any route runs.
+    limits = dict(DEFAULT_LIMITS) if shared_limits else None
+    api = await make_api(dsn=own_database.dsn(), rate_limits=limits, shared=shared_limits)
     product_id = await api.sale(stock=5)
     email, token = await api.register()
     calls = [

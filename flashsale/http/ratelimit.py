@@ -19,6 +19,7 @@ from aiohttp.typedefs import Middleware
 
 from flashsale.config import Limit
 from flashsale.http.problems import ApiError
+from flashsale.persistence.database import DATABASE_DOWN
 
 SWEEP_INTERVAL_S = 60.0  # how often a front end drops the counts of ended windows
 
@@ -69,7 +70,6 @@ _SWEEP = """
 DELETE FROM rate_counts c USING unnest($1::text[], $2::int8[]) AS w(kind, window_no)
 WHERE c.kind = w.kind AND c.window_no < w.window_no
 """
-_DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class SharedCounts:
@@ -81,15 +81,12 @@ class SharedCounts:
 
     async def count(self, requests: list[Counted]) -> list[int]:
         kinds, keys, windows = (list(column) for column in zip(*requests, strict=True))
-        try:
-            rows = await self._db.fetch(_COUNT, kinds, keys, windows)
-        except _DATABASE_ERRORS:
-            raise ApiError("unavailable", "rate limits cannot be counted now") from None
+        rows = await self._db.fetch(_COUNT, kinds, keys, windows)  # down: a 503, as anywhere
         by_kind = {row["kind"]: row["count"] for row in rows}  # one key per kind in a request
         return [by_kind[kind] for kind in kinds]
 
     async def sweep(self, windows: dict[str, int]) -> None:
-        with contextlib.suppress(*_DATABASE_ERRORS):  # the next sweep takes them
+        with contextlib.suppress(*DATABASE_DOWN):  # the next sweep takes them
             await self._db.execute(_SWEEP, list(windows), list(windows.values()))
 
 
