@@ -277,7 +277,7 @@ async def measure(server: EmbeddedPostgres, quick: bool, workdir: Path) -> CoreR
 
 
 def run_core(quick: bool, out_dir: Path) -> CoreResult:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """`out_dir` exists: `python -m bench` makes it before anything is measured."""
     with tempfile.TemporaryDirectory(prefix="bench-core-", dir=out_dir) as scratch:
         workdir = Path(scratch)
         server = EmbeddedPostgres(workdir).start()

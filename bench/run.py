@@ -322,7 +322,7 @@ async def measure(params: Params, server: EmbeddedPostgres, workdir: Path) -> di
 
 
 def run_bench(params: Params) -> dict[str, object]:
-    params.out.mkdir(parents=True, exist_ok=True)
+    """`params.out` exists: `python -m bench` makes it before anything is measured."""
     with tempfile.TemporaryDirectory(prefix="bench-run-", dir=params.out) as scratch:
         workdir = Path(scratch)
         server = EmbeddedPostgres(workdir).start()
