@@ -1,10 +1,10 @@
-"""Background tasks: stopping one the same way everywhere, logging their outages once, and an
-event loop of its own."""
+"""Background tasks: stopping one the same way everywhere, repeating one through outages that
+are logged once, and an event loop of its own."""
 
 import asyncio
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import uvloop
@@ -63,3 +63,16 @@ class Outage:
         if self._failing:
             self._log.warning("%s works again", self._what)
         self._failing = False
+
+
+async def repeat(work: Callable[[], Awaitable[object]], interval_s: float, outage: Outage) -> None:
+    """Run `work` every `interval_s`, for ever. A round that fails, for whatever reason, is the
+    outage's to log, and the next round runs: one bad round must not end the rounds."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await work()
+        except Exception as error:  # noqa: BLE001 - see above
+            outage.failed(error)
+        else:
+            outage.worked()

@@ -22,7 +22,7 @@ from flashsale.persistence.products import (
     committed_counts,
     product_by_id,
 )
-from flashsale.tasks import Outage, stop_task
+from flashsale.tasks import Outage, repeat, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,15 @@ class Catalogue:
         self._rows: dict[str, ProductRow] = {}
         self._counts: dict[str, ProductCounts] = {}
         self._task: asyncio.Task[None] | None = None
+        self._rounds = 0
         router.on_counts = self._hear
 
     async def start(self) -> None:
         await self._reload_rows()
         await self._refresh_counts()
-        self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+        outage = Outage(log, "catalogue refresh", "counts shown may be stale", DATABASE_DOWN)
+        self._task = asyncio.get_running_loop().create_task(
+            repeat(self._refresh, COUNTS_REFRESH_S, outage))
 
     async def stop(self) -> None:
         await stop_task(self._task)
@@ -91,20 +94,11 @@ class Catalogue:
         """The sales whose counts are known (a recovering one reappears within a second)."""
         return [self.view(row) for row in self._rows.values() if row.id in self._counts]
 
-    async def _refresh_forever(self) -> None:
-        rounds = 0
-        outage = Outage(log, "catalogue refresh", "counts shown may be stale", DATABASE_DOWN)
-        while True:
-            await asyncio.sleep(COUNTS_REFRESH_S)
-            rounds += 1
-            try:
-                if rounds % ROWS_RELOAD_EVERY == 0:
-                    await self._reload_rows()
-                await self._refresh_counts()
-            except Exception as error:  # noqa: BLE001 - one bad round must not end the refreshes
-                outage.failed(error)
-                continue
-            outage.worked()
+    async def _refresh(self) -> None:
+        self._rounds += 1
+        if self._rounds % ROWS_RELOAD_EVERY == 0:
+            await self._reload_rows()
+        await self._refresh_counts()
 
     async def _reload_rows(self) -> None:
         self._rows.update({row.id: row for row in await all_products(self._db)})

@@ -20,7 +20,7 @@ from flashsale.persistence.payments import (
     refund_accepted,
     refund_failed,
 )
-from flashsale.tasks import Outage, stop_task
+from flashsale.tasks import Outage, repeat, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,10 @@ class PaymentWorker:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run_forever())
+        outage = Outage(log, "payment worker", "refunds and lapsed sessions wait",
+                        DATABASE_DOWN)
+        self._task = asyncio.get_running_loop().create_task(
+            repeat(self.run_once, self._poll_interval_s, outage))
 
     async def stop(self) -> None:
         await stop_task(self._task)
@@ -82,14 +85,3 @@ class PaymentWorker:
             accepted += 1
         return accepted
 
-    async def _run_forever(self) -> None:
-        outage = Outage(log, "payment worker", "refunds and lapsed sessions wait",
-                        DATABASE_DOWN)
-        while True:
-            try:
-                await self.run_once()
-            except Exception as error:  # noqa: BLE001 - one bad round must not end the refunds
-                outage.failed(error)
-            else:
-                outage.worked()
-            await asyncio.sleep(self._poll_interval_s)
