@@ -12,6 +12,7 @@ import pytest
 from conftest import ApiFactory
 
 from flashsale.config import DEFAULT_LIMITS
+from flashsale.http.auth import DeactivatedUsers
 from flashsale.payments.sandbox import SandboxGateway
 from flashsale.payments.worker import PaymentWorker
 from flashsale.persistence.database import create_pool
@@ -62,17 +63,24 @@ async def test_every_route_answers_503_while_the_database_is_down(
     assert (status, me["email"]) == (200, email)
 
 
-async def test_the_payment_worker_logs_an_outage_once_and_its_end(
-    own_database: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("task", ["payment worker", "deactivated users refresh"])
+async def test_background_work_logs_an_outage_once_and_its_end(
+    own_database: EmbeddedPostgres, caplog: pytest.LogCaptureFixture, task: str
 ) -> None:
     db = await create_pool(own_database.dsn(), min_size=1, max_size=2)
-    worker = PaymentWorker(db, SandboxGateway("secret", "http://127.0.0.1:9/webhooks/sandbox"),
-                           poll_interval_s=0.05)
-    caplog.set_level(logging.WARNING, logger="flashsale.payments.worker")
+    worker: PaymentWorker | DeactivatedUsers
+    if task == "payment worker":
+        worker = PaymentWorker(db, SandboxGateway("secret", "http://127.0.0.1:9/webhooks/sandbox"),
+                               poll_interval_s=0.05)
+        worker.start()
+    else:
+        worker = DeactivatedUsers(db, refresh_s=0.05)
+        await worker.start()
+    logger = type(worker).__module__
+    caplog.set_level(logging.WARNING, logger=logger)
 
     def logged() -> list[str]:
-        return [r.getMessage().split(":")[0] for r in caplog.records
-                if r.name == "flashsale.payments.worker"]
+        return [r.getMessage().split(",")[0] for r in caplog.records if r.name == logger]
 
     async def until_logged(count: int) -> None:
         deadline = time.monotonic() + 15
@@ -81,7 +89,6 @@ async def test_the_payment_worker_logs_an_outage_once_and_its_end(
             await asyncio.sleep(0.05)
 
     await asyncio.to_thread(own_database.stop)
-    worker.start()
     try:
         await until_logged(1)
         await asyncio.sleep(0.5)  # ten more rounds fail
@@ -90,5 +97,4 @@ async def test_the_payment_worker_logs_an_outage_once_and_its_end(
     finally:
         await worker.stop()
         await db.close()
-    assert logged() == ["payment worker failed, refunds and lapsed sessions wait",
-                        "payment worker works again"]
+    assert logged() == [f"{task} failed", f"{task} works again"]

@@ -11,8 +11,9 @@ import jwt
 from aiohttp import web
 
 from flashsale.http.problems import ApiError
+from flashsale.persistence.database import DATABASE_DOWN
 from flashsale.persistence.users import deactivated_user_ids
-from flashsale.tasks import stop_task
+from flashsale.tasks import Outage, repeat, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +114,13 @@ class DeactivatedUsers:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.ids = await deactivated_user_ids(self._db)
-        self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+        await self._refresh()
+        outage = Outage(log, "deactivated users refresh", "deactivations wait", DATABASE_DOWN)
+        self._task = asyncio.get_running_loop().create_task(
+            repeat(self._refresh, self._refresh_s, outage))
 
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            try:
-                self.ids = await deactivated_user_ids(self._db)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                log.warning("could not refresh deactivated users: %s", error)
+    async def _refresh(self) -> None:
+        self.ids = await deactivated_user_ids(self._db)
 
     async def stop(self) -> None:
         await stop_task(self._task)
