@@ -58,6 +58,7 @@ async def test_only_admins_create_or_restock(api: Api) -> None:
 
 @pytest.mark.parametrize("change", [
     {"sale_ends_at": "2020-01-01T00:00:00Z"},
+    {"sale_starts_at": "2020-01-01T00:00:00Z", "sale_ends_at": "2021-01-01T00:00:00Z"},
     {"stock": -1}, {"price": 1.5}, {"currency": "rupees"},
     {"sale_starts_at": "2026-01-01T00:00:00"},  # no time zone
     {"available": 100}, {"sold": 0},  # read-only fields are refused, never applied

@@ -45,6 +45,8 @@ async def create_product(request: web.Request) -> web.Response:
     if body.sale_starts_at < SALE_TIMES_FROM or body.sale_ends_at > SALE_TIMES_UNTIL:
         window = f"{rfc3339(SALE_TIMES_FROM)} and {rfc3339(SALE_TIMES_UNTIL)}"
         raise ApiError("validation_error", f"sale times must fall between {window}")
+    if body.sale_ends_at <= dt.datetime.now(dt.UTC):  # surely a typo: it could sell nothing
+        raise ApiError("validation_error", "sale_ends_at is in the past")
     row = await insert_product(engine.db, body.name, body.price, body.currency, body.stock,
                                body.sale_starts_at, body.sale_ends_at, body.per_user_limit)
     try:
