@@ -1,5 +1,6 @@
 """Rate limits (SPEC §8): configuration, windows, and 429s over real HTTP."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -59,6 +60,51 @@ async def test_a_sweep_drops_only_the_counts_of_ended_windows(counts: Counts) ->
     await counts.sweep({"order": 17, "ip": 17})
     # alice's window 16 is gone, so a late request in it starts over; the address's is kept
     assert await counts.count([("order", "alice", 16), ("ip", "10.0.0.1", 17)]) == [1, 2]
+
+
+async def test_concurrent_requests_each_get_a_count_of_their_own(counts: Counts) -> None:
+    limiter = RateLimiter({"ip": Limit(30, 60), "order": Limit(2, 60)}, counts,
+                          clock=lambda: 1000.0)
+
+    async def allowed(user: str) -> bool:
+        try:
+            await limiter.check(("ip", "10.0.0.1"), ("order", user))
+        except ApiError:
+            return False
+        return True
+
+    users = [f"user{n % 20}" for n in range(50)]  # 20 users, the first ten thrice
+    outcomes = await asyncio.gather(*(allowed(user) for user in users))
+    # 30 requests pass the address's limit, in the order they came, each user at most twice
+    assert sum(outcomes) == 30
+    assert outcomes == [True] * 30 + [False] * 20
+
+
+async def test_shared_counts_cost_a_statement_per_round_trip_not_per_request(
+    database_dsn: str,
+) -> None:
+    pools = [await create_pool(database_dsn, min_size=1, max_size=2) for _ in range(2)]
+    statements = 0
+
+    class CountedPool:
+        async def fetch(self, *args: Any) -> Any:
+            nonlocal statements
+            statements += 1
+            return await pools[0].fetch(*args)
+
+    try:
+        # Two front ends count the same addresses at once, in opposite orders: no deadlock.
+        fronts = [SharedCounts(CountedPool()), SharedCounts(pools[1])]  # type: ignore[arg-type]
+        addresses = [f"10.0.{n // 256}.{n % 256}" for n in range(2_000)]
+        for _ in range(3):
+            requests = [fronts[0].count([("ip", address, 7)]) for address in addresses]
+            requests += [fronts[1].count([("ip", address, 7)]) for address in addresses[::-1]]
+            await asyncio.gather(*requests)
+        assert await fronts[0].count([("ip", addresses[0], 7)]) == [7]
+        assert statements <= 4  # for the first front end's 3 x 2,000 requests and the last
+    finally:
+        for pool in pools:
+            await pool.close()
 
 
 async def test_over_http_the_limits_answer_429_with_retry_after(make_api: Any) -> None:

@@ -2,11 +2,11 @@
 
 One front end keeps its counters in its own memory, at no database or Ray round trip, which the
 order path cannot afford. Several (`flashsale serve --workers N`) must share them, since a
-client's connections land on any of them: they count in PostgreSQL. That is one statement per
-request for its address (and login or register), and one more on the routes that count per user
-once the token is read (orders, refresh).
+client's connections land on any of them: they count in PostgreSQL, and the counts of concurrent
+requests go out together, one statement at a time, so a request costs no statement of its own.
 """
 
+import asyncio
 import contextlib
 import math
 import time
@@ -57,14 +57,18 @@ class LocalCounts:
                          if window >= windows[slot[0]]}
 
 
+# Rows are locked in (kind, key) order, the same in every front end, so that two statements
+# counting the same keys cannot deadlock.
 _COUNT = """
 INSERT INTO rate_counts AS c (kind, key, window_no, count)
-SELECT kind, key, window_no, 1 FROM unnest($1::text[], $2::text[], $3::int8[])
-    AS r(kind, key, window_no)
+SELECT kind, key, window_no, n FROM unnest($1::text[], $2::text[], $3::int8[], $4::int4[])
+    AS r(kind, key, window_no, n)
+ORDER BY kind, key
 ON CONFLICT (kind, key) DO UPDATE
-SET count = CASE WHEN c.window_no >= excluded.window_no THEN c.count + 1 ELSE 1 END,
+SET count = CASE WHEN c.window_no >= excluded.window_no THEN c.count + excluded.count
+                 ELSE excluded.count END,
     window_no = greatest(c.window_no, excluded.window_no)
-RETURNING kind, count
+RETURNING kind, key, count
 """
 _SWEEP = """
 DELETE FROM rate_counts c USING unnest($1::text[], $2::int8[]) AS w(kind, window_no)
@@ -74,16 +78,64 @@ WHERE c.kind = w.kind AND c.window_no < w.window_no
 
 class SharedCounts:
     """Counters in PostgreSQL, shared by every front end on the database. A window only moves
-    forward, so a front end whose clock lags cannot reset another's count."""
+    forward, so a front end whose clock lags cannot reset another's count.
+
+    While a statement is in flight, new requests wait and are counted together in the next: a
+    key that several of them count is one row, raised by their number, and each request gets
+    the count it would have got alone. A request that raced its window's end is counted in the
+    newer window, with the others of that key."""
 
     def __init__(self, db: asyncpg.Pool) -> None:
         self._db = db
+        self._waiting: list[tuple[list[Counted], asyncio.Future[list[int]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def count(self, requests: list[Counted]) -> list[int]:
-        kinds, keys, windows = (list(column) for column in zip(*requests, strict=True))
-        rows = await self._db.fetch(_COUNT, kinds, keys, windows)  # down: a 503, as anywhere
-        by_kind = {row["kind"]: row["count"] for row in rows}  # one key per kind in a request
-        return [by_kind[kind] for kind in kinds]
+        loop = asyncio.get_running_loop()
+        counted: asyncio.Future[list[int]] = loop.create_future()
+        self._waiting.append((requests, counted))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush())  # after this iteration's arrivals
+        return await counted
+
+    async def _flush(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    counts = await self._count_together([requests for requests, _ in batch])
+                except Exception as error:  # noqa: BLE001 - every waiter hears of it (a 503)
+                    for _, counted in batch:
+                        if not counted.done():
+                            counted.set_exception(error)
+                    continue
+                for (_, counted), request_counts in zip(batch, counts, strict=True):
+                    if not counted.done():  # its request may have been cancelled
+                        counted.set_result(request_counts)
+        finally:
+            self._flusher = None
+
+    async def _count_together(self, batch: list[list[Counted]]) -> list[list[int]]:
+        keys: dict[tuple[str, str], list[int]] = {}  # (kind, key) -> [window, requests]
+        for requests in batch:
+            for kind, key, window in requests:
+                slot = keys.setdefault((kind, key), [window, 0])
+                slot[0] = max(slot[0], window)
+                slot[1] += 1
+        kinds, names = zip(*keys, strict=True)
+        windows, numbers = zip(*keys.values(), strict=True)
+        rows = await self._db.fetch(_COUNT, kinds, names, windows, numbers)
+        # The first of a key's requests gets the count before the others were added.
+        before = {(row["kind"], row["key"]): row["count"] - keys[row["kind"], row["key"]][1]
+                  for row in rows}
+        counts = []
+        for requests in batch:
+            request_counts = []
+            for kind, key, _ in requests:
+                before[kind, key] += 1
+                request_counts.append(before[kind, key])
+            counts.append(request_counts)
+        return counts
 
     async def sweep(self, windows: dict[str, int]) -> None:
         with contextlib.suppress(*DATABASE_DOWN):  # the next sweep takes them
