@@ -94,7 +94,7 @@ async def test_shared_counts_cost_a_statement_per_round_trip_not_per_request(
 
     try:
         # Two front ends count the same addresses at once, in opposite orders: no deadlock.
-        fronts = [SharedCounts(CountedPool()), SharedCounts(pools[1])]  # type: ignore[arg-type]
+        fronts = [SharedCounts(CountedPool()), SharedCounts(pools[1])]
         addresses = [f"10.0.{n // 256}.{n % 256}" for n in range(2_000)]
         for _ in range(3):
             requests = [fronts[0].count([("ip", address, 7)]) for address in addresses]
