@@ -3,15 +3,17 @@ ASCII where tokens, keys and signatures go, and NUL, which PostgreSQL text canno
 
 import asyncio
 import json
+import logging
 import uuid
 
+import pytest
 import yarl
 from helpers import Api
 
 
-async def raw_status(api: Api, method: str, path: str, headers: dict[str, bytes],
-                     body: object = None) -> tuple[int, str]:
-    """Sends header bytes as given (aiohttp's client would refuse them); (status, code)."""
+async def raw_reply(api: Api, method: str, path: str, headers: dict[str, bytes],
+                    body: object = None) -> bytes:
+    """Sends header bytes as given (aiohttp's client would refuse them)."""
     url = yarl.URL(api.engine.base_url)
     payload = json.dumps(body).encode() if body is not None else b""
     head = [f"{method} {path} HTTP/1.1".encode(), b"Host: x", b"Connection: close",
@@ -21,6 +23,13 @@ async def raw_status(api: Api, method: str, path: str, headers: dict[str, bytes]
     writer.write(b"\r\n".join(head) + b"\r\n\r\n" + payload)
     reply = await reader.read()
     writer.close()
+    return reply
+
+
+async def raw_status(api: Api, method: str, path: str, headers: dict[str, bytes],
+                     body: object = None) -> tuple[int, str]:
+    """(status, problem code) of `raw_reply`."""
+    reply = await raw_reply(api, method, path, headers, body)
     status = int(reply.split(b" ", 2)[1])
     return status, json.loads(reply.partition(b"\r\n\r\n")[2] or b"{}").get("code", "")
 
@@ -82,3 +91,16 @@ async def test_sale_times_the_engine_cannot_keep_are_refused(api: Api) -> None:
     assert await create("2029-01-01T00:00:00Z", "9998-12-31T00:00:00Z") == (201, "")
     status, listed, _ = await api.call("GET", "/products")
     assert status == 200 and [p["name"] for p in listed] == ["Odd times"]
+
+
+async def test_a_request_aiohttp_cannot_parse_is_a_400_logged_in_one_line(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="aiohttp.server")
+    for path, headers in [("/products?q=" + "x" * 9_000, {}),
+                          ("/health", {"X-Long": b"y" * 9_000})]:
+        reply = await raw_reply(api, "GET", path, headers)
+        assert reply.startswith(b"HTTP/1.0 400 Bad Request"), reply[:100]
+    logged = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [(r.levelname, r.exc_info) for r in logged] == [("WARNING", None)] * 2
+    assert "Got more than 8190 bytes" in logged[0].getMessage()

@@ -1,10 +1,12 @@
 """The aiohttp application: every route in one place."""
 
 import asyncio
+import logging
 
 import asyncpg
 import ray
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.typedefs import Middleware
 
 from flashsale.http import routes_auth, routes_orders, routes_payments, routes_products
@@ -15,6 +17,24 @@ from flashsale.http.schemas import json_response
 
 BODY_BYTES_MAX = 64 * 1024
 HEALTH_TIMEOUT_S = 2.0
+
+
+class _MalformedRequestsInOneLine(logging.Filter):
+    """aiohttp answers a request it cannot parse (a line over 8 KB, bytes that are not HTTP)
+    with a 400 before any middleware runs, and logs an error with its traceback. The fault is
+    the client's: one warning line says enough, and a stream of such requests cannot fill the
+    log with tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, BadHttpMessage):
+            record.msg, record.args = f"{record.getMessage()}: {error.message}", None
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_MALFORMED_REQUESTS = _MalformedRequestsInOneLine()
 
 
 def _own_ray_node_alive() -> bool:
@@ -42,6 +62,7 @@ def create_app(engine: Engine) -> web.Application:
     if engine.limiter is not None:
         middlewares.append(rate_limit_middleware(engine.limiter))
     app = web.Application(middlewares=middlewares, client_max_size=BODY_BYTES_MAX)
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)  # once, whatever the apps
     app[ENGINE] = engine
     app.router.add_get("/health", health)
     app.router.add_post("/auth/register", routes_auth.register)
