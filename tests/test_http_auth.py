@@ -144,6 +144,21 @@ async def test_forged_or_broken_tokens_are_refused(api: Api) -> None:
     assert (status, body["code"]) == (401, "invalid_token")
 
 
+async def test_a_token_accepted_before_is_refused_once_it_expires(api: Api) -> None:
+    """Front ends remember the tokens they verified, until each one's expiry and no longer."""
+    _, token = await api.register()
+    user = jwt.decode(token, JWT_SECRET, algorithms=["HS256"])["sub"]
+    expires_at = int(time.time()) + 2
+    short_lived = _token({"sub": user, "iat": expires_at - 2, "exp": expires_at})
+    assert (await api.call("GET", "/orders", short_lived))[0] == 200
+    assert (await api.call("GET", "/orders", short_lived))[0] == 200
+    await asyncio.sleep(expires_at - time.time() + 0.1)
+    status, body, _ = await api.call("GET", "/orders", short_lived)
+    assert (status, body["code"]) == (401, "invalid_token")
+    tampered = short_lived[:-2] + ("AA" if short_lived[-2:] != "AA" else "BB")
+    assert (await api.call("GET", "/orders", tampered))[0] == 401
+
+
 async def test_a_deactivated_user_loses_access(api: Api) -> None:
     email, token = await api.register()
     assert (await api.call("GET", "/orders", token))[0] == 200
