@@ -22,7 +22,7 @@ PAYMENT_LINK_AUDIENCE = "pay"
 BCRYPT_THREADS = 2
 PASSWORD_BYTES_MIN, PASSWORD_BYTES_MAX = 8, 72  # bcrypt ignores bytes past 72
 DEACTIVATED_REFRESH_S = 30.0
-VERIFIED_TOKENS_MAX = 50_000  # about 15 MB
+VERIFIED_TOKENS_MAX = 50_000  # about 22 MB, the tokens included
 _BEARER = {"WWW-Authenticate": "Bearer"}
 
 
