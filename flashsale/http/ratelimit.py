@@ -125,7 +125,7 @@ class SharedCounts:
         kinds, names = zip(*keys, strict=True)
         windows, numbers = zip(*keys.values(), strict=True)
         rows = await self._db.fetch(_COUNT, kinds, names, windows, numbers)
-        # The first of a key's requests gets the count before the others were added.
+        # Each key's count before these requests; they take the counts after it in turn.
         before = {(row["kind"], row["key"]): row["count"] - keys[row["kind"], row["key"]][1]
                   for row in rows}
         counts = []
