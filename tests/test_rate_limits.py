@@ -107,6 +107,33 @@ async def test_shared_counts_cost_a_statement_per_round_trip_not_per_request(
             await pool.close()
 
 
+async def test_requests_past_the_bound_of_those_waiting_for_a_shared_count_are_503(
+    database_dsn: str,
+) -> None:
+    db = await create_pool(database_dsn, min_size=1, max_size=2)
+    release = asyncio.Event()
+
+    class SlowPool:  # the database answers once released
+        async def fetch(self, *args: Any) -> Any:
+            await release.wait()
+            return await db.fetch(*args)
+
+    counts = SharedCounts(SlowPool(), waiting_max=3)
+    try:
+        first = asyncio.ensure_future(counts.count([("ip", "a", 1)]))
+        await asyncio.sleep(0.05)  # in flight: the next ones wait for it
+        waiting = [asyncio.ensure_future(counts.count([("ip", "a", 1)])) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(ApiError) as refused:
+            async with asyncio.timeout(5):  # refused at once, not left to wait
+                await counts.count([("ip", "a", 1)])
+        assert refused.value.code == "unavailable"
+        release.set()
+        assert [await first] + [await w for w in waiting] == [[1], [2], [3], [4]]
+    finally:
+        await db.close()
+
+
 async def test_over_http_the_limits_answer_429_with_retry_after(make_api: Any) -> None:
     api = await make_api(rate_limits={**DEFAULT_LIMITS, "register": Limit(2, 60),
                                       "order": Limit(2, 60)})

@@ -22,6 +22,7 @@ from flashsale.http.problems import ApiError
 from flashsale.persistence.database import DATABASE_DOWN
 
 SWEEP_INTERVAL_S = 60.0  # how often a front end drops the counts of ended windows
+COUNTS_WAITING_MAX = 10_000  # requests waiting for the next shared count; more are a 503
 
 # (kind, key, window number): one request to count against a limit.
 Counted = tuple[str, str, int]
@@ -85,12 +86,15 @@ class SharedCounts:
     the count it would have got alone. A request that raced its window's end is counted in the
     newer window, with the others of that key."""
 
-    def __init__(self, db: asyncpg.Pool) -> None:
+    def __init__(self, db: asyncpg.Pool, waiting_max: int = COUNTS_WAITING_MAX) -> None:
         self._db = db
         self._waiting: list[tuple[list[Counted], asyncio.Future[list[int]]]] = []
+        self._waiting_max = waiting_max
         self._flusher: asyncio.Task[None] | None = None
 
     async def count(self, requests: list[Counted]) -> list[int]:
+        if len(self._waiting) >= self._waiting_max:
+            raise ApiError("unavailable", "too many requests are waiting to be counted")
         loop = asyncio.get_running_loop()
         counted: asyncio.Future[list[int]] = loop.create_future()
         self._waiting.append((requests, counted))
