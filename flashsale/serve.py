@@ -129,7 +129,7 @@ Open the order's payment_url in a browser to pay (or fail) on the sandbox checko
 
 
 async def _start_front_end(settings: Settings, dsn: str, *, shared_limits: bool,
-                           payment_work: bool) -> tuple[Engine, web.AppRunner]:
+                           upkeep: bool) -> tuple[Engine, web.AppRunner]:
     """A front end's engine and its HTTP application, not yet listening."""
     secret = os.environ.get("FLASHSALE_JWT_SECRET") or stored_secret(settings.data_dir,
                                                                      "jwt_secret")
@@ -138,7 +138,7 @@ async def _start_front_end(settings: Settings, dsn: str, *, shared_limits: bool,
     engine = await start_engine(dsn, ActorConfig(dsn, policy), secret, settings.bcrypt_rounds,
                                 settings.base_url, payment_provider(settings),
                                 settings.rate_limits, shared_limits=shared_limits,
-                                payment_work=payment_work)
+                                upkeep=upkeep)
     runner = web.AppRunner(create_app(engine), access_log=None)
     await runner.setup()
     return engine, runner
@@ -179,7 +179,7 @@ async def _serve_other_front_end(settings: Settings, dsn: str, ray_address: str)
     await asyncio.to_thread(start_ray, ray_address)
     try:
         engine, runner = await _start_front_end(settings, dsn, shared_limits=True,
-                                                payment_work=False)
+                                                upkeep=False)
         try:
             await _listen(runner, settings, first=False)
             print(f"flashsale: front end {os.getpid()} ready", flush=True)
@@ -237,7 +237,7 @@ async def serve(settings: Settings, demo: bool) -> None:
         print(f"flashsale: Ray ready ({settings.ray_address or 'local instance'})", flush=True)
         engine, runner = await _start_front_end(settings, database.dsn,
                                                 shared_limits=settings.workers > 1,
-                                                payment_work=True)
+                                                upkeep=True)
         others = None
         try:
             if admin is not None:

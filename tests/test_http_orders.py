@@ -10,6 +10,7 @@ import ray
 from helpers import CANCEL_WINDOW_MS, Api
 
 from flashsale.actors.messages import CapturePayment
+from flashsale.persistence.orders import drop_spent_claims
 
 
 async def capture(api: Api, product_id: str, order_id: str, amount: int) -> None:
@@ -277,3 +278,21 @@ async def test_one_key_sent_to_two_products_at_once_places_one_order(api: Api) -
         assert {status for status, _ in theirs} == {201}, theirs
     _, page, _ = await api.call("GET", "/orders", token)
     assert page["total"] == 5
+
+
+async def test_keys_spent_in_a_sale_that_ended_over_a_day_ago_are_dropped(api: Api) -> None:
+    ended, live = await api.sale(stock=1), await api.sale(stock=1)
+    _, alice = await api.register()
+    _, bob = await api.register()
+    assert (await api.order(alice, ended, key="placed"))[0] == 201
+    assert (await api.order(bob, ended, key="refused"))[0] == 409  # sold out
+    assert (await api.order(bob, live, quantity=2, key="refused-live"))[0] == 409  # over the limit
+    db = api.engine.db
+    await db.execute("""UPDATE products SET sale_starts_at = now() - interval '3 days',
+                            sale_ends_at = now() - interval '25 hours' WHERE id = $1""", ended)
+
+    assert await drop_spent_claims(db) == 1
+    kept = await db.fetch("SELECT idempotency_key FROM key_claims ORDER BY idempotency_key")
+    assert [row["idempotency_key"] for row in kept] == ["placed", "refused-live"]
+    status, mine, _ = await api.call("GET", "/orders", alice)  # found through its claim
+    assert (status, mine["total"]) == (200, 1)

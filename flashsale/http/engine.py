@@ -1,5 +1,8 @@
 """What a front end holds: the database pool, the product router, the catalogue and auth."""
 
+import asyncio
+import logging
+
 import asyncpg
 import msgspec
 from aiohttp import web
@@ -20,23 +23,28 @@ from flashsale.http.problems import ApiError
 from flashsale.http.ratelimit import RateLimiter, SharedCounts
 from flashsale.payments.provider import PaymentProvider
 from flashsale.payments.worker import PaymentWorker
-from flashsale.persistence.database import create_pool
-from flashsale.persistence.orders import claim_keys, order_record
+from flashsale.persistence.database import DATABASE_DOWN, create_pool
+from flashsale.persistence.orders import claim_keys, drop_spent_claims, order_record
+from flashsale.tasks import Outage, repeat, stop_task
+
+log = logging.getLogger(__name__)
 
 POOL_SIZE_MAX = 10
+SPENT_CLAIMS_SWEEP_S = 3600.0
 
 
 class Engine:
     def __init__(self, db: asyncpg.Pool, actor_config: ActorConfig, jwt_secret: str,
                  bcrypt_rounds: int, base_url: str, payments: PaymentProvider,
                  rate_limits: dict[str, Limit] | None, *, shared_limits: bool = False,
-                 payment_work: bool = True,
+                 upkeep: bool = True,
                  deactivated_refresh_s: float = DEACTIVATED_REFRESH_S) -> None:
         """`shared_limits`: other front ends serve the same clients, so rate limits are counted
-        in the database. `payment_work`: this front end performs refunds and closes lapsed
-        payment sessions (one of several does)."""
+        in the database. `upkeep`: this front end performs refunds, closes lapsed payment
+        sessions and drops spent idempotency keys (one of several does)."""
         self.db = db
-        self._payment_work = payment_work
+        self._upkeep = upkeep
+        self._claims_sweep: asyncio.Task[None] | None = None
         self.limiter = (RateLimiter(rate_limits, SharedCounts(db) if shared_limits else None)
                         if rate_limits else None)
         self.payments = payments
@@ -92,10 +100,15 @@ class Engine:
     async def start(self) -> None:
         await self.deactivated.start()
         await self.catalogue.start()
-        if self._payment_work:
+        if self._upkeep:
             self.payment_worker.start()
+            outage = Outage(log, "idempotency key sweep", "spent keys stay meanwhile",
+                            DATABASE_DOWN)
+            self._claims_sweep = asyncio.get_running_loop().create_task(
+                repeat(lambda: drop_spent_claims(self.db), SPENT_CLAIMS_SWEEP_S, outage))
 
     async def stop(self) -> None:
+        await stop_task(self._claims_sweep)
         await self.payment_worker.stop()
         await self.payments.close()
         await self.catalogue.stop()
@@ -107,11 +120,11 @@ class Engine:
 async def start_engine(dsn: str, actor_config: ActorConfig, jwt_secret: str, bcrypt_rounds: int,
                        base_url: str, payments: PaymentProvider,
                        rate_limits: dict[str, Limit] | None, *, shared_limits: bool = False,
-                       payment_work: bool = True,
+                       upkeep: bool = True,
                        deactivated_refresh_s: float = DEACTIVATED_REFRESH_S) -> Engine:
     db = await create_pool(dsn, min_size=1, max_size=POOL_SIZE_MAX)
     engine = Engine(db, actor_config, jwt_secret, bcrypt_rounds, base_url, payments,
-                    rate_limits, shared_limits=shared_limits, payment_work=payment_work,
+                    rate_limits, shared_limits=shared_limits, upkeep=upkeep,
                     deactivated_refresh_s=deactivated_refresh_s)
     await engine.start()
     return engine

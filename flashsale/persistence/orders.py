@@ -85,3 +85,15 @@ async def claim_keys(db: asyncpg.Pool, product_id: str, user_ids: list[str], key
             WHERE c.order_id <> b.order_id""",
         product_id, user_ids, keys, order_ids,
     )}
+
+
+async def drop_spent_claims(db: asyncpg.Pool) -> int:
+    """Drop the claims of keys that placed no order (refused or unanswered attempts) in sales
+    that ended over a day ago; returns how many. No order can come of them any more, the day
+    keeps every key at least 24 h (SPEC §5), and a sold-out sale's refused attempts are most of
+    its claims. Claims that placed an order stay: they are how a user's orders are found."""
+    status = await db.execute(
+        """DELETE FROM key_claims c USING products p
+           WHERE p.id = c.product_id AND p.sale_ends_at < now() - interval '1 day'
+             AND NOT EXISTS (SELECT FROM orders o WHERE o.id = c.order_id)""")
+    return int(status.split()[-1])
