@@ -227,6 +227,45 @@ async def test_a_postgres_restart_acknowledges_nothing_unflushed(
         server.close()
 
 
+def _actor_log(pid: int) -> str:
+    """What a product actor's process logged: Ray keeps it in a file per worker."""
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    return "".join(path.read_text() for path in logs.glob(f"worker-*-{pid}.err"))
+
+
+async def test_an_outage_is_logged_by_the_actor_as_it_starts_and_ends_not_at_every_retry(
+    products: ProductFactory, tmp_path: Path
+) -> None:
+    server = EmbeddedPostgres(tmp_path).start()
+    try:
+        conn = await asyncpg.connect(server.dsn())
+        await migrate(conn)
+        await conn.close()
+        product_id, actor = await products(stock=10, hold_ttl_ms=1_000, dsn=server.dsn())
+        [order] = await send(actor, [place()])
+        assert isinstance(order, OrderRecord)
+        pid = await actor.pid.remote()
+        await asyncio.to_thread(server.stop)
+        await asyncio.sleep(4)  # the hold falls due: its expiry fails, then every reconnection
+        await asyncio.to_thread(server.restart)
+        conn = await asyncpg.connect(server.dsn())
+        try:
+            deadline = time.monotonic() + 30
+            while await conn.fetchval("SELECT status FROM orders WHERE id = $1",
+                                      order.order_id) != "expired":
+                assert time.monotonic() < deadline, "the hold did not expire after the outage"
+                await asyncio.sleep(0.2)
+        finally:
+            await conn.close()
+        await asyncio.sleep(0.5)  # the round that expired it has logged by now
+    finally:
+        server.close()
+    said = [line.split(f"product {product_id}: ")[1].split(",")[0]
+            for line in _actor_log(pid).splitlines() if f"product {product_id}: " in line]
+    assert said == ["housekeeping failed", "recovery failed", "recovery works again",
+                    "housekeeping works again"]
+
+
 @pytest.mark.parametrize(
     "damage",
     [

@@ -35,7 +35,7 @@ from flashsale.persistence.wal import (
     WalWriter,
     keep_counts,
 )
-from flashsale.tasks import LoopThread
+from flashsale.tasks import LoopThread, Outage, repeat
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ RECOVERY_WAIT_S = 2.0
 RECONNECT_BACKOFF_MAX_S = 2.0
 CONNECT_TIMEOUT_S = 5.0
 GIL_SWITCH_INTERVAL_S = 0.000_5  # Python's default is 5 ms
+_RETRIED_IN_RECOVERY = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 _commands_encoder = msgspec.msgpack.Encoder()
 _commands_decoder = msgspec.msgpack.Decoder(list[Command])
@@ -130,7 +131,9 @@ class ProductActor:
         self._last_call = time.monotonic()
         loop = asyncio.get_running_loop()  # Ray runs an async actor's constructor in its loop
         self._recovery = loop.create_task(self._recover())
-        self._timer = loop.create_task(self._keep_house_forever())
+        outage = Outage(log, f"product {product_id}: housekeeping", "due chores wait",
+                        (ProductUnavailable,))
+        self._timer = loop.create_task(repeat(self._keep_house, HOUSEKEEPING_INTERVAL_S, outage))
 
     async def handle(self, blob: bytes) -> bytes:
         """Decide a batch of encoded commands; returns their encoded replies, in order, with
@@ -230,6 +233,8 @@ class ProductActor:
     async def _connect_and_rebuild(self) -> tuple[asyncpg.Connection, Rebuilt]:
         """On the I/O loop, which then owns the connection."""
         backoff_s = 0.05
+        outage = Outage(log, f"product {self._product_id}: recovery", "retrying",
+                        _RETRIED_IN_RECOVERY)
         while True:
             conn = None
             try:
@@ -241,14 +246,13 @@ class ProductActor:
                 if rebuilt.corruption is None and rebuilt.state.last_seq:  # see `Catalogue`
                     await keep_counts(conn, self._product_id, counts_of(rebuilt.state))
                 break
-            except (OSError, TimeoutError, asyncpg.PostgresError,
-                    asyncpg.InterfaceError) as error:
+            except _RETRIED_IN_RECOVERY as error:
                 if conn is not None:
                     conn.terminate()
-                log.warning("product %s: cannot recover yet (%s); retrying",
-                            self._product_id, error)
+                outage.failed(error)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_MAX_S)
+        outage.worked()
         if rebuilt.corruption is not None:
             conn.terminate()
             raise ProductUnavailable(str(rebuilt.corruption))
@@ -265,20 +269,14 @@ class ProductActor:
                 and self._calls == 0 and writer.durable().done()
                 and time.monotonic() - self._last_call >= self._config.retire_after_idle_s)
 
-    async def _keep_house_forever(self) -> None:
+    async def _keep_house(self) -> None:
         """Run the chores that fall due while no batch arrives to run them; with none left,
         retire the actor if it may (an actor exits only from one of its own calls)."""
-        while True:
-            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
-            if not self._recovery.done():
-                continue
-            if self._chores(now_ms()):
-                try:
-                    await self._decide_durably([])
-                except ProductUnavailable as error:
-                    log.warning("product %s: housekeeping put off: %s", self._product_id, error)
-            elif self._retirable():
-                ray.get_runtime_context().current_actor.retire.remote()
+        await asyncio.shield(self._recovery)  # nothing to do before the state is back
+        if self._chores(now_ms()):
+            await self._decide_durably([])
+        elif self._retirable():
+            ray.get_runtime_context().current_actor.retire.remote()
 
     def _chores(self, now: int) -> list[Command]:
         """Forgetting settled orders comes first: an order is never forgotten in the batch that
