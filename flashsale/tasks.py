@@ -65,14 +65,17 @@ class Outage:
         self._failing = False
 
 
-async def repeat(work: Callable[[], Awaitable[object]], interval_s: float, outage: Outage) -> None:
-    """Run `work` every `interval_s`, for ever. A round that fails, for whatever reason, is the
-    outage's to log, and the next round runs: one bad round must not end the rounds."""
+async def repeat(work: Callable[[], Awaitable[object]], interval_s: float, outage: Outage,
+                 first_after_s: float | None = None) -> None:
+    """Run `work` every `interval_s` (the first time after `first_after_s`, by default the same),
+    for ever. A round that fails, for whatever reason, is the outage's to log, and the next round
+    runs: one bad round must not end the rounds."""
+    await asyncio.sleep(interval_s if first_after_s is None else first_after_s)
     while True:
-        await asyncio.sleep(interval_s)
         try:
             await work()
         except Exception as error:  # noqa: BLE001 - see above
             outage.failed(error)
         else:
             outage.worked()
+        await asyncio.sleep(interval_s)

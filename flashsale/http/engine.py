@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 POOL_SIZE_MAX = 10
 SPENT_CLAIMS_SWEEP_S = 3600.0
+# Soon after start, so that a server restarted more often than hourly still sweeps, but not in
+# the start itself, which the first sweep of a large table would slow.
+SPENT_CLAIMS_FIRST_SWEEP_S = 60.0
 
 
 class Engine:
@@ -105,7 +108,8 @@ class Engine:
             outage = Outage(log, "idempotency key sweep", "spent keys stay meanwhile",
                             DATABASE_DOWN)
             self._claims_sweep = asyncio.get_running_loop().create_task(
-                repeat(lambda: drop_spent_claims(self.db), SPENT_CLAIMS_SWEEP_S, outage))
+                repeat(lambda: drop_spent_claims(self.db), SPENT_CLAIMS_SWEEP_S, outage,
+                       first_after_s=SPENT_CLAIMS_FIRST_SWEEP_S))
 
     async def stop(self) -> None:
         await stop_task(self._claims_sweep)
