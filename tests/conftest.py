@@ -5,6 +5,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -65,6 +66,19 @@ async def database_dsn(embedded_pg: EmbeddedPostgres, template_database: str) ->
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+async def own_database(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
+    """A migrated server of the test's own, to stop and restart under a running engine."""
+    server = EmbeddedPostgres(tmp_path).start()
+    conn = await asyncpg.connect(server.dsn())
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,7 @@ once the database is back; background work logs the outage once."""
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import asyncpg
 import pytest
 from conftest import ApiFactory
 
@@ -17,18 +14,6 @@ from flashsale.payments.sandbox import SandboxGateway
 from flashsale.payments.worker import PaymentWorker
 from flashsale.persistence.database import create_pool
 from flashsale.persistence.embedded import EmbeddedPostgres
-from flashsale.persistence.migrate import migrate
-
-
-@pytest.fixture
-async def own_database(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
-    """A server of the test's own, to stop under a running engine."""
-    server = EmbeddedPostgres(tmp_path).start()
-    conn = await asyncpg.connect(server.dsn())
-    await migrate(conn)
-    await conn.close()
-    yield server
-    server.close()
 
 
 @pytest.mark.parametrize("shared_limits", [False, True], ids=["no limits", "shared limits"])

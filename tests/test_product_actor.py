@@ -41,7 +41,6 @@ from flashsale.actors.product_actor import (
 )
 from flashsale.ids import uuid7
 from flashsale.persistence.embedded import EmbeddedPostgres
-from flashsale.persistence.migrate import migrate
 from flashsale.persistence.orders import order_by_id, order_record
 from flashsale.persistence.replay import rebuild, report
 
@@ -192,39 +191,33 @@ async def test_kill_9_loses_no_acknowledged_order_and_retries_create_no_second(
 
 
 async def test_a_postgres_restart_acknowledges_nothing_unflushed(
-    products: ProductFactory, tmp_path: Path
+    products: ProductFactory, own_database: EmbeddedPostgres
 ) -> None:
-    server = EmbeddedPostgres(tmp_path).start()
+    server = own_database
+    product_id, actor = await products(stock=100_000, dsn=server.dsn())
+    shoppers = Shoppers(actor)
+
+    async def restart_postgres() -> None:
+        while len(shoppers.acknowledged) < 50:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(server.stop)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(server.restart)
+
+    await asyncio.gather(shoppers.stream(100, 5, 0.01), restart_postgres())
+    await shoppers.retry_unanswered()
+    acknowledged = shoppers.acknowledged
+
+    conn = await asyncpg.connect(server.dsn())
     try:
-        conn = await asyncpg.connect(server.dsn())
-        await migrate(conn)
-        await conn.close()
-        product_id, actor = await products(stock=100_000, dsn=server.dsn())
-        shoppers = Shoppers(actor)
-
-        async def restart_postgres() -> None:
-            while len(shoppers.acknowledged) < 50:
-                await asyncio.sleep(0.01)
-            await asyncio.to_thread(server.stop)
-            await asyncio.sleep(1.0)
-            await asyncio.to_thread(server.restart)
-
-        await asyncio.gather(shoppers.stream(100, 5, 0.01), restart_postgres())
-        await shoppers.retry_unanswered()
-        acknowledged = shoppers.acknowledged
-
-        conn = await asyncpg.connect(server.dsn())
-        try:
-            durable = await rebuild(conn, product_id)
-        finally:
-            await conn.close()
-        assert durable.corruption is None
-        for order in acknowledged.values():
-            assert durable.state.orders[order.order_id].status is OrderStatus.PENDING
-        assert len(durable.state.orders) == len(acknowledged)
-        assert durable.state == await live_state(actor)
+        durable = await rebuild(conn, product_id)
     finally:
-        server.close()
+        await conn.close()
+    assert durable.corruption is None
+    for order in acknowledged.values():
+        assert durable.state.orders[order.order_id].status is OrderStatus.PENDING
+    assert len(durable.state.orders) == len(acknowledged)
+    assert durable.state == await live_state(actor)
 
 
 def _actor_log(pid: int) -> str:
@@ -234,32 +227,26 @@ def _actor_log(pid: int) -> str:
 
 
 async def test_an_outage_is_logged_by_the_actor_as_it_starts_and_ends_not_at_every_retry(
-    products: ProductFactory, tmp_path: Path
+    products: ProductFactory, own_database: EmbeddedPostgres
 ) -> None:
-    server = EmbeddedPostgres(tmp_path).start()
+    server = own_database
+    product_id, actor = await products(stock=10, hold_ttl_ms=1_000, dsn=server.dsn())
+    [order] = await send(actor, [place()])
+    assert isinstance(order, OrderRecord)
+    pid = await actor.pid.remote()
+    await asyncio.to_thread(server.stop)
+    await asyncio.sleep(4)  # the hold falls due: its expiry fails, then every reconnection
+    await asyncio.to_thread(server.restart)
+    conn = await asyncpg.connect(server.dsn())
     try:
-        conn = await asyncpg.connect(server.dsn())
-        await migrate(conn)
-        await conn.close()
-        product_id, actor = await products(stock=10, hold_ttl_ms=1_000, dsn=server.dsn())
-        [order] = await send(actor, [place()])
-        assert isinstance(order, OrderRecord)
-        pid = await actor.pid.remote()
-        await asyncio.to_thread(server.stop)
-        await asyncio.sleep(4)  # the hold falls due: its expiry fails, then every reconnection
-        await asyncio.to_thread(server.restart)
-        conn = await asyncpg.connect(server.dsn())
-        try:
-            deadline = time.monotonic() + 30
-            while await conn.fetchval("SELECT status FROM orders WHERE id = $1",
-                                      order.order_id) != "expired":
-                assert time.monotonic() < deadline, "the hold did not expire after the outage"
-                await asyncio.sleep(0.2)
-        finally:
-            await conn.close()
-        await asyncio.sleep(0.5)  # the round that expired it has logged by now
+        deadline = time.monotonic() + 30
+        while await conn.fetchval("SELECT status FROM orders WHERE id = $1",
+                                  order.order_id) != "expired":
+            assert time.monotonic() < deadline, "the hold did not expire after the outage"
+            await asyncio.sleep(0.2)
     finally:
-        server.close()
+        await conn.close()
+    await asyncio.sleep(0.5)  # the round that expired it has logged by now
     said = [line.split(f"product {product_id}: ")[1].split(",")[0]
             for line in _actor_log(pid).splitlines() if f"product {product_id}: " in line]
     assert said == ["housekeeping failed", "recovery failed", "recovery works again",
