@@ -62,6 +62,16 @@ async def test_a_sweep_drops_only_the_counts_of_ended_windows(counts: Counts) ->
     assert await counts.count([("order", "alice", 16), ("ip", "10.0.0.1", 17)]) == [1, 2]
 
 
+async def test_the_limiters_sweep_drops_the_windows_its_clock_has_left(counts: Counts) -> None:
+    now = [1000.0]
+    limiter = RateLimiter({"order": Limit(5, 60), "ip": Limit(5, 600)}, counts,
+                          clock=lambda: now[0])
+    await limiter.check(("order", "alice"), ("ip", "10.0.0.1"))
+    now[0] = 1080.0  # the order window (16) has ended; the address's (1) has not
+    await limiter.sweep()
+    assert await counts.count([("order", "alice", 16), ("ip", "10.0.0.1", 1)]) == [1, 2]
+
+
 async def test_concurrent_requests_each_get_a_count_of_their_own(counts: Counts) -> None:
     limiter = RateLimiter({"ip": Limit(30, 60), "order": Limit(2, 60)}, counts,
                           clock=lambda: 1000.0)

@@ -20,7 +20,7 @@ from flashsale.http.auth import (
 )
 from flashsale.http.catalogue import Catalogue
 from flashsale.http.problems import ApiError
-from flashsale.http.ratelimit import RateLimiter, SharedCounts
+from flashsale.http.ratelimit import SWEEP_INTERVAL_S, RateLimiter, SharedCounts
 from flashsale.payments.provider import PaymentProvider
 from flashsale.payments.worker import PaymentWorker
 from flashsale.persistence.database import DATABASE_DOWN, create_pool
@@ -47,7 +47,7 @@ class Engine:
         sessions and drops spent idempotency keys (one of several does)."""
         self.db = db
         self._upkeep = upkeep
-        self._claims_sweep: asyncio.Task[None] | None = None
+        self._rounds: list[asyncio.Task[None]] = []  # background work of the engine's own
         self.limiter = (RateLimiter(rate_limits, SharedCounts(db) if shared_limits else None)
                         if rate_limits else None)
         self.payments = payments
@@ -107,12 +107,18 @@ class Engine:
             self.payment_worker.start()
             outage = Outage(log, "idempotency key sweep", "spent keys stay meanwhile",
                             DATABASE_DOWN)
-            self._claims_sweep = asyncio.get_running_loop().create_task(
+            self._rounds.append(asyncio.get_running_loop().create_task(
                 repeat(lambda: drop_spent_claims(self.db), SPENT_CLAIMS_SWEEP_S, outage,
-                       first_after_s=SPENT_CLAIMS_FIRST_SWEEP_S))
+                       first_after_s=SPENT_CLAIMS_FIRST_SWEEP_S)))
+        if self.limiter is not None:
+            outage = Outage(log, "rate limit sweep", "ended windows stay meanwhile",
+                            DATABASE_DOWN)
+            self._rounds.append(asyncio.get_running_loop().create_task(
+                repeat(self.limiter.sweep, SWEEP_INTERVAL_S, outage)))
 
     async def stop(self) -> None:
-        await stop_task(self._claims_sweep)
+        for task in self._rounds:
+            await stop_task(task)
         await self.payment_worker.stop()
         await self.payments.close()
         await self.catalogue.stop()

@@ -7,7 +7,6 @@ requests go out together, one statement at a time, so a request costs no stateme
 """
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,6 @@ from aiohttp.typedefs import Middleware
 
 from flashsale.config import Limit
 from flashsale.http.problems import ApiError
-from flashsale.persistence.database import DATABASE_DOWN
 
 SWEEP_INTERVAL_S = 60.0  # how often a front end drops the counts of ended windows
 COUNTS_WAITING_MAX = 10_000  # requests waiting for the next shared count; more are a 503
@@ -142,8 +140,7 @@ class SharedCounts:
         return counts
 
     async def sweep(self, windows: dict[str, int]) -> None:
-        with contextlib.suppress(*DATABASE_DOWN):  # the next sweep takes them
-            await self._db.execute(_SWEEP, list(windows), list(windows.values()))
+        await self._db.execute(_SWEEP, list(windows), list(windows.values()))
 
 
 class RateLimiter:
@@ -152,7 +149,6 @@ class RateLimiter:
         self._limits = limits
         self._counts = counts or LocalCounts()
         self._clock = clock  # wall time: front ends in several processes agree on windows
-        self._swept_at = clock()
 
     async def check(self, *requests: tuple[str, str]) -> None:
         """Count one request against each (kind, key); a 429 with Retry-After once a window's
@@ -161,10 +157,6 @@ class RateLimiter:
         windows = [int(now // self._limits[kind].window_s) for kind, _ in requests]
         counts = await self._counts.count(
             [(kind, key, window) for (kind, key), window in zip(requests, windows, strict=True)])
-        if now - self._swept_at >= SWEEP_INTERVAL_S:
-            self._swept_at = now
-            await self._counts.sweep({kind: int(now // limit.window_s)
-                                      for kind, limit in self._limits.items()})
         for (kind, _), window, count in zip(requests, windows, counts, strict=True):
             limit = self._limits[kind]
             if count > limit.requests:
@@ -172,6 +164,13 @@ class RateLimiter:
                 raise ApiError("rate_limited",
                                f"more than {limit.requests} requests in {limit.window_s} s "
                                f"({kind})", {"Retry-After": str(max(1, retry_after_s))})
+
+    async def sweep(self) -> None:
+        """Drop the counts of ended windows: a background round every SWEEP_INTERVAL_S, off
+        the requests' path."""
+        now = self._clock()
+        await self._counts.sweep({kind: int(now // limit.window_s)
+                                  for kind, limit in self._limits.items()})
 
 
 _PER_ADDRESS = {("POST", "/auth/login"): "login", ("POST", "/auth/register"): "register"}
