@@ -69,6 +69,10 @@ def encode_commands(commands: Sequence[Command]) -> bytes:
     return _commands_encoder.encode(commands)
 
 
+def decode_commands(blob: bytes) -> list[Command]:
+    return _commands_decoder.decode(blob)
+
+
 class Decided(msgspec.Struct, array_like=True):
     """A batch's replies, in order, and the product's counts right after it."""
 
@@ -141,7 +145,7 @@ class ProductActor:
         self._calls += 1
         self._last_call = time.monotonic()
         try:
-            replies = await self._decide_durably(_commands_decoder.decode(blob))
+            replies = await self._decide_durably(decode_commands(blob))
         finally:
             self._calls -= 1
         return _decided_encoder.encode(Decided(replies, counts_of(self._state)))

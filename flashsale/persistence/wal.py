@@ -101,15 +101,15 @@ def _merge(batch: list[_Append]) -> OrderChanges:
     return merged
 
 
-def _new_rows(product_id: str, currency: str,
-              placed: Iterable[OrderPlaced]) -> list[tuple[object, ...]]:
-    """Built from the events rather than the orders: fewer columns, no enums to read, and
-    this runs for every order the product takes."""
-    return [
+async def insert_new_orders(conn: asyncpg.Connection, product_id: str, currency: str,
+                            placed: Iterable[OrderPlaced]) -> None:
+    """The read-model rows of newly placed orders. Built from the events rather than the
+    orders: fewer columns, no enums to read, and this runs for every order the product takes."""
+    await conn.copy_records_to_table("orders", columns=NEW_ORDER_COLUMNS, records=[
         (e.order_id, product_id, e.user_id, e.idempotency_key, e.quantity, e.unit_price_minor,
          currency, _PENDING, e.expires_at_ms, e.at_ms, e.at_ms)
         for e in placed
-    ]
+    ])
 
 
 def _changed_columns(orders: Iterable[OrderRecord]) -> list[list[object]]:
@@ -216,10 +216,8 @@ class WalWriter:
                     _LOG_AND_COUNT, self._product_id, *msgspec.structs.astuple(batch[-1].counts),
                     first_seq, first_seq + len(events) - 1, frame(event_encoder.encode(events)))
             if orders.placed:
-                await self.conn.copy_records_to_table(
-                    "orders", columns=NEW_ORDER_COLUMNS,
-                    records=_new_rows(self._product_id, batch[-1].currency, orders.placed),
-                )
+                await insert_new_orders(self.conn, self._product_id, batch[-1].currency,
+                                        orders.placed)
             if orders.changed:
                 await self.conn.execute(_UPDATE_ORDERS,
                                         *_changed_columns(orders.changed.values()))
