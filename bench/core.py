@@ -5,6 +5,11 @@ only after its COMMIT) and pgbench's hot-row UPDATE on the same server. Then the
 with a long WAL takes to serve again after `kill -9`, and its memory, for two actors: the one
 that took all those reservations (every order still a live hold) and a sale whose shoppers
 reserve and fail to pay, round after round (a long history, few live orders).
+
+Next to the engine it measures the ceiling this machine sets on the design: an actor that keeps no
+state and logs no event, and only group-commits each reservation's orders row as the product
+actor writes it, for the same batches. No engine that writes those rows in its commit can be
+faster here.
 """
 
 import asyncio
@@ -15,6 +20,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -26,6 +32,7 @@ import uvloop
 from flashsale.actors.messages import (
     DefineProduct,
     FailPayment,
+    OrderPlaced,
     OrderRecord,
     PlaceOrder,
     ProductTerms,
@@ -33,6 +40,7 @@ from flashsale.actors.messages import (
 from flashsale.actors.product import Policy
 from flashsale.actors.product_actor import (
     ActorConfig,
+    decode_commands,
     decode_decided,
     encode_commands,
     now_ms,
@@ -42,12 +50,18 @@ from flashsale.actors.registry import configure_ray, product_actor
 from flashsale.ids import uuid7
 from flashsale.persistence.embedded import POSTGRES_BIN_PATH, EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
+from flashsale.persistence.wal import insert_new_orders
 
 BATCH_SIZE = 1_000
 CALLS_IN_FLIGHT = 8
 PGBENCH_CLIENTS = 64
 HOT_ROW_UPDATE = "UPDATE products SET stock = stock - 1 WHERE id = 1 AND stock >= 1;\n"
 CHURN_LANES = 4  # shoppers' rounds in flight at once on the churned sale
+PRICE_MINOR = 100
+HOLD_TTL_MS = 86_400_000
+
+# Sends one batch of encoded commands; returns how many of them reserved a unit.
+BatchCall = Callable[[bytes], Awaitable[int]]
 
 
 class CpuPerReservation(msgspec.Struct):
@@ -95,6 +109,8 @@ def _cpu_seconds(process: psutil.Process) -> float:
 
 class CoreResult(msgspec.Struct):
     reservations_per_s: float
+    # The same batches, where each reservation only group-commits its orders row (see above).
+    rows_alone_per_s: float
     batch_size: int
     reservations: int
     cpu_us_per_reservation: CpuPerReservation
@@ -129,7 +145,14 @@ def reservation_batches(reservations: int) -> list[bytes]:
     ]
 
 
-async def reserve(actor: ray.actor.ActorHandle, blobs: list[bytes]) -> float:
+def product_call(actor: ray.actor.ActorHandle) -> BatchCall:
+    async def call(blob: bytes) -> int:
+        replies = decode_decided(await actor.handle.remote(blob)).replies
+        return sum(isinstance(reply, OrderRecord) for reply in replies)
+    return call
+
+
+async def reserve(call: BatchCall, blobs: list[bytes]) -> float:
     """Durable reservations per second, with a few batches in flight so commits group."""
     reservations = len(blobs) * BATCH_SIZE
     gate = asyncio.Semaphore(CALLS_IN_FLIGHT)
@@ -138,8 +161,8 @@ async def reserve(actor: ray.actor.ActorHandle, blobs: list[bytes]) -> float:
     async def one(blob: bytes) -> None:
         nonlocal done
         async with gate:
-            replies = decode_decided(await actor.handle.remote(blob)).replies
-        if len(replies) != BATCH_SIZE or not all(isinstance(r, OrderRecord) for r in replies):
+            reserved = await call(blob)
+        if reserved != BATCH_SIZE:
             raise RuntimeError("a reservation was refused or lost")
         done += 1
         if done % max(1, len(blobs) // 10) == 0:
@@ -196,7 +219,7 @@ async def churn(actor: ray.actor.ActorHandle, events: int) -> None:
 
 async def define(actor: ray.actor.ActorHandle, product_id: str, stock: int) -> None:
     now = now_ms()
-    terms = ProductTerms(product_id, 100, "INR", now - 1_000, now + 86_400_000, 1)
+    terms = ProductTerms(product_id, PRICE_MINOR, "INR", now - 1_000, now + 86_400_000, 1)
     await send(actor, [DefineProduct(terms, stock)])
 
 
@@ -218,6 +241,70 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return info.rss / 1e6, info.uss / 1e6
 
 
+class RowsAlone:
+    """The ceiling: every reservation of a batch becomes its orders row, written as the product
+    actor's WAL writer writes it, group-committed, and nothing else happens."""
+
+    def __init__(self, product_id: str) -> None:
+        self._product_id = product_id
+        self._waiting: list[tuple[list[OrderPlaced], asyncio.Future[None]]] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
+
+    async def start(self, dsn: str) -> None:
+        self._writer = asyncio.get_running_loop().create_task(
+            self._write(await asyncpg.connect(dsn)))
+
+    async def handle(self, blob: bytes) -> int:
+        now = now_ms()
+        placed = [OrderPlaced(cmd.order_id, cmd.user_id, cmd.idempotency_key, cmd.quantity,
+                              PRICE_MINOR, now, now + HOLD_TTL_MS)
+                  for cmd in decode_commands(blob) if isinstance(cmd, PlaceOrder)]
+        committed = asyncio.get_running_loop().create_future()
+        self._waiting.append((placed, committed))
+        self._wakeup.set()
+        await committed
+        return len(placed)
+
+    async def _write(self, conn: asyncpg.Connection) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._waiting = self._waiting, []
+            try:
+                async with conn.transaction():
+                    await insert_new_orders(conn, self._product_id, "INR",
+                                            [order for placed, _ in batch for order in placed])
+            except Exception as error:  # the bench stops on the first batch that fails
+                for _, committed in batch:
+                    committed.set_exception(error)
+                continue
+            for _, committed in batch:
+                committed.set_result(None)
+
+
+_RemoteRowsAlone = ray.remote(RowsAlone)
+
+
+async def start_ceiling(dsn: str, product_id: str) -> ray.actor.ActorHandle:
+    ceiling: ray.actor.ActorHandle = _RemoteRowsAlone.options(  # type: ignore[assignment]
+        num_cpus=0).remote(product_id)
+    await ceiling.start.remote(dsn)
+    return ceiling
+
+
+async def rows_alone(server: EmbeddedPostgres, blobs: list[bytes]) -> float:
+    """The ceiling's reservations per second; it leaves the orders table as it found it, empty."""
+    ceiling = await start_ceiling(server.dsn(), str(uuid.uuid4()))
+    per_s = await reserve(ceiling.handle.remote, blobs)
+    ray.kill(ceiling)
+    conn = await asyncpg.connect(server.dsn())
+    await conn.execute("TRUNCATE orders")
+    await conn.execute("CHECKPOINT")  # the engine starts from a clean log too
+    await conn.close()
+    return per_s
+
+
 @ray.remote(num_cpus=0)
 class _BareActor:
     def pid(self) -> int:
@@ -228,17 +315,22 @@ async def measure(server: EmbeddedPostgres, quick: bool, workdir: Path) -> CoreR
     conn = await asyncpg.connect(server.dsn())
     await migrate(conn)
     await conn.close()
-    config = ActorConfig(server.dsn(), Policy(hold_ttl_ms=86_400_000))
+    config = ActorConfig(server.dsn(), Policy(hold_ttl_ms=HOLD_TTL_MS))
     reservations = 100_000 if quick else 1_000_000
+    batches = reservation_batches(reservations)
+
+    say(f"the ceiling: {reservations:,} orders rows alone, group-committed, in batches of "
+        f"{BATCH_SIZE:,}")
+    ceiling_per_s = await rows_alone(server, batches)
+    say(f"  {ceiling_per_s:,.0f} durable reservations/s")
 
     hot_id = str(uuid.uuid4())
     hot = product_actor(hot_id, config)
     await define(hot, hot_id, stock=2_000_000_000)
     say(f"reserving {reservations:,} units in batches of {BATCH_SIZE:,}")
-    batches = reservation_batches(reservations)
     meter = CpuMeter(await hot.pid.remote(), server.pid)
     meter.start()
-    per_s = await reserve(hot, batches)
+    per_s = await reserve(product_call(hot), batches)
     cpu = meter.stop(reservations)
     say(f"  {per_s:,.0f} durable reservations/s")
 
@@ -271,7 +363,8 @@ async def measure(server: EmbeddedPostgres, quick: bool, workdir: Path) -> CoreR
     _, bare_uss = memory_mb(await bare.pid.remote())
     for actor in (churned, bare):
         ray.kill(actor, no_restart=True)
-    return CoreResult(per_s, BATCH_SIZE, reservations, cpu, tps, per_s / tps, recovery_s, events,
+    return CoreResult(per_s, ceiling_per_s, BATCH_SIZE, reservations, cpu, tps, per_s / tps,
+                      recovery_s, events,
                       actor_rss, actor_uss, running_uss, hot_recovery_s, hot_events, hot_uss,
                       bare_uss)
 
@@ -302,6 +395,8 @@ def print_table(r: CoreResult) -> None:
                               for us in (cpu["actor"], sum(cpu.values())))
     rows = [
         ("durable reservations/s", f"{r.reservations_per_s:,.0f}", ">= 200,000"),
+        ("ceiling: the orders rows alone", f"{r.rows_alone_per_s:,.0f} (the engine: "
+         f"{r.reservations_per_s / r.rows_alone_per_s:.0%} of it)", ""),
         ("CPU per reservation, µs", "actor {actor:.1f}, PostgreSQL {postgres:.1f}, "
          "driver {driver:.1f}, Ray {ray:.1f}".format(**cpu), ""),
         ("cores busy while reserving", f"actor {actor_cores:.2f}, all {all_cores:.2f} "

@@ -10,14 +10,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
+import ray
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from helpers import ADMIN, Server, free_port
 
 import bench.__main__ as bench_main
 from bench.audit import ProductFacts, judge
-from bench.core import CoreResult, CpuPerReservation, print_table
+from bench.core import (
+    BATCH_SIZE,
+    CoreResult,
+    CpuPerReservation,
+    print_table,
+    reservation_batches,
+    start_ceiling,
+)
 from bench.load import Shopper, fire
 from bench.scenarios import build
 
@@ -68,19 +77,39 @@ def test_scenarios_have_the_promised_shape() -> None:
         build("flood", 1, 1, quick=True)
 
 
-def test_the_core_table_says_how_many_cores_the_actor_keeps_busy(
+def test_the_core_table_says_how_many_cores_the_actor_keeps_busy_and_how_near_the_ceiling(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     cpu = CpuPerReservation(actor=9.0, postgres=4.0, driver=1.5, ray=0.5)
     print_table(CoreResult(
-        reservations_per_s=100_000, batch_size=1_000, reservations=1_000_000,
-        cpu_us_per_reservation=cpu, pgbench_tps=2_500, ratio=40.0, recovery_s=0.5,
-        recovery_events=1_000_000, actor_rss_mb=90, actor_uss_mb=49, running_actor_uss_mb=57,
-        reserving_actor_recovery_s=3.5, reserving_actor_events=1_000_001,
-        reserving_actor_uss_mb=677, bare_ray_actor_uss_mb=43))
-    busy = next(line for line in capsys.readouterr().out.splitlines()
-                if line.startswith("cores busy while reserving"))
+        reservations_per_s=100_000, rows_alone_per_s=160_000, batch_size=1_000,
+        reservations=1_000_000, cpu_us_per_reservation=cpu, pgbench_tps=2_500, ratio=40.0,
+        recovery_s=0.5, recovery_events=1_000_000, actor_rss_mb=90, actor_uss_mb=49,
+        running_actor_uss_mb=57, reserving_actor_recovery_s=3.5,
+        reserving_actor_events=1_000_001, reserving_actor_uss_mb=677, bare_ray_actor_uss_mb=43))
+    lines = capsys.readouterr().out.splitlines()
+    busy = next(line for line in lines if line.startswith("cores busy while reserving"))
     assert f"actor 0.90, all 1.50 of {os.cpu_count()}" in busy
+    ceiling = next(line for line in lines if line.startswith("ceiling"))
+    assert "160,000 (the engine: 62% of it)" in ceiling
+
+
+async def test_the_ceiling_answers_a_batch_only_with_every_orders_row_of_it_committed(
+    ray_session: None, database_dsn: str,
+) -> None:
+    product_id = str(uuid.uuid4())
+    ceiling = await start_ceiling(database_dsn, product_id)
+    batches = reservation_batches(3 * BATCH_SIZE)
+    reserved: list[int] = await asyncio.gather(*(ceiling.handle.remote(b) for b in batches))
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        rows = await conn.fetchval(
+            "SELECT count(*) FROM orders WHERE product_id = $1 AND status = 'pending'",
+            product_id)
+    finally:
+        await conn.close()
+        ray.kill(ceiling)
+    assert reserved == [BATCH_SIZE] * 3 and rows == 3 * BATCH_SIZE
 
 
 @pytest.mark.parametrize(("args", "error"), [
