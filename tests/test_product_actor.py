@@ -157,6 +157,29 @@ async def test_concurrent_batches_never_oversell_and_the_log_has_no_gaps(
     assert report["reserved"] == 300 and report["problems"] == []
 
 
+async def test_verify_finds_a_product_consistent_while_it_keeps_taking_orders(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    """`flashsale replay --verify` may run beside a live server: it must check one moment of
+    the database, not a snapshot, a log and a read model each read at a different one."""
+    product_id, actor = await products(stock=1_000_000, snapshot_every_events=40)
+    shopping = True
+
+    async def shop() -> None:
+        while shopping:
+            await send(actor, [place() for _ in range(10)])
+
+    shoppers = asyncio.gather(*(shop() for _ in range(3)))
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        problems = [(await report(conn, product_id, verify=True)).problems for _ in range(25)]
+    finally:
+        shopping = False
+        await shoppers
+        await conn.close()
+    assert problems == [[]] * 25
+
+
 async def test_kill_9_loses_no_acknowledged_order_and_retries_create_no_second(
     products: ProductFactory, database_dsn: str
 ) -> None:

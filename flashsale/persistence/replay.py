@@ -117,18 +117,23 @@ async def logged_products(conn: asyncpg.Connection) -> list[str]:
 
 async def report(conn: asyncpg.Connection, product_id: str, *, verify: bool) -> ProductReport:
     """Rebuild one product; with `verify`, also check the invariants, that the snapshot agrees
-    with a replay of the whole WAL, and that the orders read model agrees with the WAL."""
-    rebuilt = await rebuild(conn, product_id)
-    state = rebuilt.state
-    problems = [str(rebuilt.corruption)] if rebuilt.corruption else []
-    if verify:
-        problems += [f"product {product_id}: {p}" for p in check_invariants(state)]
-        if rebuilt.snapshot_seq and not rebuilt.corruption:
-            full = await rebuild(conn, product_id, use_snapshot=False)
-            if full.state != state:
-                problems.append(f"product {product_id}: snapshot at seq {rebuilt.snapshot_seq} "
-                                "disagrees with a replay of the whole WAL")
-        problems += await _read_model_problems(conn, product_id, state)
+    with a replay of the whole WAL, and that the orders read model agrees with the WAL.
+
+    Everything is read in one transaction, so from one moment of the database: a running
+    server may commit more of the product's log meanwhile."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        rebuilt = await rebuild(conn, product_id)
+        state = rebuilt.state
+        problems = [str(rebuilt.corruption)] if rebuilt.corruption else []
+        if verify:
+            problems += [f"product {product_id}: {p}" for p in check_invariants(state)]
+            if rebuilt.snapshot_seq and not rebuilt.corruption:
+                full = await rebuild(conn, product_id, use_snapshot=False)
+                if full.state != state:
+                    problems.append(f"product {product_id}: snapshot at seq "
+                                    f"{rebuilt.snapshot_seq} disagrees with a replay of the "
+                                    "whole WAL")
+            problems += await _read_model_problems(conn, product_id, state)
     return ProductReport(product_id, state.stock, state.available, state.reserved, state.sold,
                          state.last_seq, problems)
 
