@@ -27,6 +27,7 @@ from flashsale.payments.sandbox import SandboxGateway
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
 from flashsale.persistence.products import all_products
+from flashsale.persistence.replay import logged_products, report
 
 TEMPLATE = "flashsale_template"
 _database_numbers = itertools.count()
@@ -56,16 +57,31 @@ async def template_database(embedded_pg: EmbeddedPostgres) -> str:
 
 
 @pytest.fixture
-async def database_dsn(embedded_pg: EmbeddedPostgres, template_database: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for one test."""
+async def database_dsn(request: pytest.FixtureRequest, embedded_pg: EmbeddedPostgres,
+                       template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test. Afterwards every product in it must pass
+    `flashsale replay --verify`'s checks, unless the test damages the WAL on purpose."""
     name = f"test_{next(_database_numbers)}"
     admin = await asyncpg.connect(embedded_pg.dsn())
     try:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-        yield embedded_pg.dsn(name)
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        try:
+            yield embedded_pg.dsn(name)
+            if request.node.get_closest_marker("damages_wal") is None:
+                assert await replay_problems(embedded_pg.dsn(name)) == []
+        finally:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+async def replay_problems(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [problem for product_id in await logged_products(conn)
+                for problem in (await report(conn, product_id, verify=True)).problems]
+    finally:
+        await conn.close()
 
 
 @pytest.fixture

@@ -276,6 +276,7 @@ async def test_an_outage_is_logged_by_the_actor_as_it_starts_and_ends_not_at_eve
                     "housekeeping works again"]
 
 
+@pytest.mark.damages_wal
 @pytest.mark.parametrize(
     "damage",
     [
@@ -310,6 +311,7 @@ async def test_a_damaged_last_record_stops_replay_there(
     assert f"product {product_id}: WAL corrupt at seq {last_first_seq}" in checked.stderr
 
 
+@pytest.mark.damages_wal
 async def test_an_actor_refuses_to_serve_from_a_corrupt_log(
     products: ProductFactory, database_dsn: str
 ) -> None:
