@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> int:
         "core",
         help="one product actor and its WAL, without HTTP, next to pgbench",
         description="Durable reservations/s of one product actor (batches of 1,000), next to "
-        "the ceiling this machine sets (an actor that only group-commits the same batches' "
-        "orders rows) and pgbench's hot-row UPDATE on the same embedded PostgreSQL; then "
+        "an actor that only group-commits the same batches' orders rows and to pgbench's "
+        "hot-row UPDATE on the same embedded PostgreSQL; then "
         "recovery time after kill -9, and actor memory. Writes DIR/core.json.",
     )
     core.add_argument("--quick", action="store_true",

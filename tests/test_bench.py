@@ -25,7 +25,7 @@ from bench.core import (
     CpuPerReservation,
     print_table,
     reservation_batches,
-    start_ceiling,
+    start_rows_alone,
 )
 from bench.load import Shopper, fire
 from bench.scenarios import build
@@ -77,7 +77,7 @@ def test_scenarios_have_the_promised_shape() -> None:
         build("flood", 1, 1, quick=True)
 
 
-def test_the_core_table_says_how_many_cores_the_actor_keeps_busy_and_how_near_the_ceiling(
+def test_the_core_table_says_how_many_cores_the_actor_keeps_busy_and_its_share_of_the_rows(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     cpu = CpuPerReservation(actor=9.0, postgres=4.0, driver=1.5, ray=0.5)
@@ -90,17 +90,17 @@ def test_the_core_table_says_how_many_cores_the_actor_keeps_busy_and_how_near_th
     lines = capsys.readouterr().out.splitlines()
     busy = next(line for line in lines if line.startswith("cores busy while reserving"))
     assert f"actor 0.90, all 1.50 of {os.cpu_count()}" in busy
-    ceiling = next(line for line in lines if line.startswith("ceiling"))
-    assert "160,000 (the engine: 62% of it)" in ceiling
+    rows_alone = next(line for line in lines if line.startswith("the orders rows alone"))
+    assert "160,000 (the engine: 62% of it)" in rows_alone
 
 
-async def test_the_ceiling_answers_a_batch_only_with_every_orders_row_of_it_committed(
+async def test_the_rows_alone_actor_answers_a_batch_only_with_all_its_rows_committed(
     ray_session: None, database_dsn: str,
 ) -> None:
     product_id = str(uuid.uuid4())
-    ceiling = await start_ceiling(database_dsn, product_id)
+    rows_alone = await start_rows_alone(database_dsn, product_id)
     batches = reservation_batches(3 * BATCH_SIZE)
-    reserved: list[int] = await asyncio.gather(*(ceiling.handle.remote(b) for b in batches))
+    reserved: list[int] = await asyncio.gather(*(rows_alone.handle.remote(b) for b in batches))
     conn = await asyncpg.connect(database_dsn)
     try:
         rows = await conn.fetchval(
@@ -108,7 +108,7 @@ async def test_the_ceiling_answers_a_batch_only_with_every_orders_row_of_it_comm
             product_id)
     finally:
         await conn.close()
-        ray.kill(ceiling)
+        ray.kill(rows_alone)
     assert reserved == [BATCH_SIZE] * 3 and rows == 3 * BATCH_SIZE
 
 
