@@ -67,6 +67,9 @@ def _replay_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _print_reports(reports: list[ProductReport]) -> None:
+    if not reports:
+        print("no product has events in the WAL: nothing to replay", file=sys.stderr)
+        return
     print(f"{'product':36}  {'stock':>8}  {'available':>9}  {'reserved':>8}  {'sold':>8}  "
           f"{'last_seq':>9}  result")
     for r in reports:

@@ -89,3 +89,11 @@ def test_replay_of_a_data_dir_without_a_database_says_so_and_creates_none(
     assert err.strip() == (f"flashsale: no database in {missing}: nothing to replay "
                            "(check --data-dir or FLASHSALE_DATA_DIR)")
     assert not missing.exists()
+
+
+def test_replay_of_a_database_without_products_says_so(database_dsn: str) -> None:
+    process = flashsale("replay", "--verify",
+                        env={**os.environ, "FLASHSALE_DATABASE_URL": database_dsn})
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 0  # nothing logged is nothing broken
+    assert out == "" and err.strip() == "no product has events in the WAL: nothing to replay"
