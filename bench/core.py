@@ -365,9 +365,8 @@ async def measure(server: EmbeddedPostgres, quick: bool, workdir: Path) -> CoreR
     for actor in (churned, bare):
         ray.kill(actor, no_restart=True)
     return CoreResult(per_s, rows_alone_per_s, BATCH_SIZE, reservations, cpu, tps, per_s / tps,
-                      recovery_s, events,
-                      actor_rss, actor_uss, running_uss, hot_recovery_s, hot_events, hot_uss,
-                      bare_uss)
+                      recovery_s, events, actor_rss, actor_uss, running_uss, hot_recovery_s,
+                      hot_events, hot_uss, bare_uss)
 
 
 def run_core(quick: bool, out_dir: Path) -> CoreResult:
