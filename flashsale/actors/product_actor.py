@@ -202,7 +202,12 @@ class ProductActor:
     def _maybe_snapshot(self, new_events: int) -> tuple[int, bytes] | None:
         """A snapshot costs time in proportion to the state, so one is taken only after at least
         as many events as the state holds orders: a constant cost per event, and recovery never
-        replays much more than one state's worth of events."""
+        replays much more than one state's worth of events.
+
+        While every event places an order, none comes due after the first, and rightly: a
+        snapshot restores in about the time its orders' placements replay (3.2 against 2.8 µs
+        an order for `bench core`'s reserving actor), so it would not shorten recovery. Taking
+        them anyway, every time the state doubled, cost that bench 15-20% of its throughput."""
         self._events_since_snapshot += new_events
         due_after = max(self._config.snapshot_every_events, len(self._state.orders))
         if self._events_since_snapshot < due_after:
