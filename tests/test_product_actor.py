@@ -1,6 +1,7 @@
 """The product actor for real: Ray actors, PostgreSQL, kill -9, a database restart."""
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -24,12 +25,15 @@ from flashsale.actors.messages import (
     Command,
     DefineProduct,
     FailPayment,
+    OrderPlaced,
     OrderRecord,
     OrderStatus,
     PlaceOrder,
     ProductCounts,
+    ProductDefined,
     ProductTerms,
     Rejection,
+    event_encoder,
 )
 from flashsale.actors.product import Policy, Reply
 from flashsale.actors.product_actor import (
@@ -38,11 +42,15 @@ from flashsale.actors.product_actor import (
     counts_of,
     now_ms,
     send,
+    writer_lock_key,
 )
+from flashsale.actors.registry import product_actor
 from flashsale.ids import uuid7
 from flashsale.persistence.embedded import EmbeddedPostgres
+from flashsale.persistence.frames import frame
 from flashsale.persistence.orders import order_by_id, order_record
 from flashsale.persistence.replay import rebuild, report
+from flashsale.persistence.wal import insert_new_orders
 
 ProductFactory = Callable[..., Awaitable[tuple[str, ActorHandle]]]
 
@@ -336,6 +344,84 @@ async def test_an_actor_refuses_to_serve_from_a_corrupt_log(
             continue
         pytest.fail("the actor served from a corrupt log")
     pytest.fail("the actor never came back to refuse")
+
+
+@pytest.mark.damages_wal
+async def test_a_gap_in_the_wal_stops_replay_before_it(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    product_id, actor = await products(stock=100, limit=5)
+    for _ in range(3):
+        await send(actor, [place() for _ in range(4)])
+    ray.kill(actor, no_restart=True)
+
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        await conn.execute("DELETE FROM wal WHERE product_id = $1 AND first_seq = 6", product_id)
+        rebuilt = await rebuild(conn, product_id)
+    finally:
+        await conn.close()
+    assert rebuilt.corruption is not None and rebuilt.corruption.seq == 6
+    assert rebuilt.state.last_seq == 5 and rebuilt.state.reserved == 4  # nothing past the gap
+
+    checked = replay_cli(database_dsn, "--product", product_id)
+    assert checked.returncode == 1
+    assert (f"product {product_id}: WAL corrupt at seq 6: expected seq 6, found a record of "
+            "10..13") in checked.stderr
+
+
+async def test_a_damaged_snapshot_is_passed_over_for_the_whole_wal(
+    products: ProductFactory, database_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    product_id, actor = await products(stock=100, limit=5, snapshot_every_events=10)
+    for _ in range(4):
+        await send(actor, [place() for _ in range(5)])
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        intact = await rebuild(conn, product_id)
+        assert intact.snapshot_seq > 0
+        await conn.execute("UPDATE snapshots SET record = set_byte(record, 20, "
+                           "get_byte(record, 20) # 1) WHERE product_id = $1 AND seq = $2",
+                           product_id, intact.snapshot_seq)
+        with caplog.at_level(logging.WARNING):
+            passed_over = await rebuild(conn, product_id)
+    finally:
+        await conn.close()
+    assert passed_over.corruption is None and passed_over.snapshot_seq == 0
+    assert passed_over.state == intact.state == await live_state(actor)
+    assert f"snapshot at seq {intact.snapshot_seq} unusable" in caplog.text
+
+
+async def test_a_new_incarnation_rebuilds_only_once_the_older_writer_is_gone(
+    ray_session: None, database_dsn: str
+) -> None:
+    """Ray may start a product's actor again while the old process still holds its database
+    session (a node cut off, say). The writer lock holds the new one back until that session
+    ends, so it neither misses nor reuses the sequence numbers of the old one's last commit."""
+    product_id = str(uuid.uuid4())
+    now = now_ms()
+    terms = ProductTerms(product_id, 1_000, "INR", now - 1_000, now + 3_600_000, 1)
+    placed = OrderPlaced(uuid7(), str(uuid.uuid4()), "k", 1, 1_000, now, now + 600_000)
+    older = await asyncpg.connect(database_dsn)
+    await older.execute("SELECT pg_advisory_lock($1)", writer_lock_key(product_id))
+    actor = product_actor(product_id, ActorConfig(database_dsn))
+    try:
+        with pytest.raises(ProductUnavailable, match="recovering"):
+            await actor.counts.remote()
+        async with older.transaction():  # the older writer's last commit, then its session ends
+            await older.execute("INSERT INTO wal (product_id, first_seq, last_seq, record) "
+                                "VALUES ($1, 1, 2, $2)", product_id,
+                                frame(event_encoder.encode([ProductDefined(terms, 10, now),
+                                                            placed])))
+            await insert_new_orders(older, product_id, "INR", [placed])
+        await older.close()
+        assert (await actor.counts.remote()).last_seq == 2
+        [reply] = await send(actor, [place()])
+        assert isinstance(reply, OrderRecord)
+        assert await actor.counts.remote() == ProductCounts(10, 8, 2, 0, 3)
+    finally:
+        ray.kill(actor, no_restart=True)
+        await older.close()
 
 
 async def test_holds_expire_within_a_second_with_no_request(
