@@ -5,6 +5,7 @@ import logging
 import subprocess
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import psutil
 
@@ -81,10 +82,11 @@ class EmbeddedPostgres:
     def dsn(self, database: str = "postgres") -> str:
         return self.server.get_uri(database)
 
-    def stop(self) -> None:
-        """Fast shutdown: open transactions are rolled back, committed data is kept."""
+    def stop(self, mode: Literal["fast", "immediate"] = "fast") -> None:
+        """Shut down: "fast" rolls back open transactions, keeping what was committed;
+        "immediate" is a crash, which the next start recovers from PostgreSQL's own log."""
         subprocess.run(
-            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.pgdata), "-w", "-m", "fast", "stop"],
+            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.pgdata), "-w", "-m", mode, "stop"],
             user=self.server.system_user, check=True, capture_output=True,
         )
 
