@@ -27,7 +27,7 @@ from bench.baseline.server import schema
 from bench.load import LoadResult, Shopper, fire
 from bench.report import Side, write_report
 from bench.scenarios import Scenario, build
-from flashsale.actors.registry import NAMESPACE, actor_name
+from flashsale.actors.registry import NAMESPACE, actor_name, configure_ray
 from flashsale.http.auth import Tokens
 from flashsale.payments.provider import EventKind
 from flashsale.payments.sandbox import SIGNATURE_HEADER, SandboxGateway
@@ -328,6 +328,7 @@ def run_bench(params: Params) -> dict[str, object]:
         server = EmbeddedPostgres(workdir).start()
         if params.url is None:  # the engine we start joins the harness's own Ray instance
             os.environ.pop("RAY_ADDRESS", None)
+            configure_ray()  # its actors then run as `flashsale serve` runs them
             ray.init(address="local", include_dashboard=False, log_to_driver=False,
                      namespace=NAMESPACE)
         try:
