@@ -10,7 +10,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Literal
 
 import asyncpg
 import msgspec
@@ -222,25 +221,34 @@ async def test_kill_9_loses_no_acknowledged_order_and_retries_create_no_second(
         await conn.close()
 
 
-@pytest.mark.parametrize("stop_mode", ["fast", "immediate"])
-async def test_a_postgres_restart_acknowledges_nothing_unflushed(
-    products: ProductFactory, own_database: EmbeddedPostgres,
-    stop_mode: Literal["fast", "immediate"],
+@pytest.mark.parametrize("fault", ["clean stop", "crash", "dropped connection"])
+async def test_a_database_fault_mid_stream_acknowledges_nothing_unflushed(
+    products: ProductFactory, own_database: EmbeddedPostgres, fault: str
 ) -> None:
-    """Stopped cleanly, or crashed ("immediate"), after which only the commits PostgreSQL had
-    flushed to its own log come back: an order answered before then would be lost here."""
+    """After a crash (pg_ctl's "immediate" stop) only the commits PostgreSQL had flushed to its
+    own log come back: an order answered before then would be lost here. A dropped connection
+    fails the flush in flight while the server stays up."""
     server = own_database
     product_id, actor = await products(stock=100_000, dsn=server.dsn())
     shoppers = Shoppers(actor)
 
-    async def restart_postgres() -> None:
+    async def strike() -> None:
         while len(shoppers.acknowledged) < 50:
             await asyncio.sleep(0.01)
-        await asyncio.to_thread(server.stop, stop_mode)
+        if fault == "dropped connection":
+            conn = await asyncpg.connect(server.dsn())
+            try:
+                assert await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+            finally:
+                await conn.close()
+            return
+        await asyncio.to_thread(server.stop, "immediate" if fault == "crash" else "fast")
         await asyncio.sleep(1.0)
         await asyncio.to_thread(server.restart)
 
-    await asyncio.gather(shoppers.stream(100, 5, 0.01), restart_postgres())
+    await asyncio.gather(shoppers.stream(100, 5, 0.01), strike())
     await shoppers.retry_unanswered()
     acknowledged = shoppers.acknowledged
 
