@@ -7,7 +7,7 @@ import asyncpg
 import pytest
 
 from flashsale.config import ConfigError, load_settings, stored_secret
-from flashsale.persistence.database import open_database
+from flashsale.persistence.database import create_pool, open_database
 from flashsale.persistence.embedded import MAX_CONNECTIONS
 from flashsale.persistence.migrate import migrate, migration_files
 
@@ -43,6 +43,25 @@ async def test_concurrent_migrators_apply_each_migration_once(embedded_pg: objec
     everything = [version for version, _, _ in migration_files()]
     assert sorted(sum(results, [])) == everything
     assert results.count([]) == 3
+
+
+@pytest.mark.parametrize(("database_setting", "engine_setting"),
+                         [("off", "on"), ("local", "local"), ("remote_apply", "remote_apply")])
+async def test_the_engines_commits_wait_for_the_disk_whatever_the_database_says(
+    database_dsn: str, database_setting: str, engine_setting: str
+) -> None:
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        await conn.execute(
+            f"ALTER DATABASE {await conn.fetchval('SELECT current_database()')} "
+            f"SET synchronous_commit = {database_setting}")
+    finally:
+        await conn.close()
+    pool = await create_pool(database_dsn, min_size=1, max_size=1)
+    try:
+        assert await pool.fetchval("SHOW synchronous_commit") == engine_setting
+    finally:
+        await pool.close()
 
 
 async def test_embedded_database_keeps_its_data_across_restarts(tmp_path: Path) -> None:

@@ -221,14 +221,23 @@ async def test_kill_9_loses_no_acknowledged_order_and_retries_create_no_second(
         await conn.close()
 
 
-@pytest.mark.parametrize("fault", ["clean stop", "crash", "dropped connection"])
+@pytest.mark.parametrize("fault", ["clean stop", "crash", "crash of a server tuned not to wait",
+                                   "dropped connection"])
 async def test_a_database_fault_mid_stream_acknowledges_nothing_unflushed(
     products: ProductFactory, own_database: EmbeddedPostgres, fault: str
 ) -> None:
     """After a crash (pg_ctl's "immediate" stop) only the commits PostgreSQL had flushed to its
-    own log come back: an order answered before then would be lost here. A dropped connection
-    fails the flush in flight while the server stays up."""
+    own log come back: an order answered before then would be lost here, also on a server whose
+    commits do not wait for the disk (synchronous_commit = off, a common tuning). A dropped
+    connection fails the flush in flight while the server stays up."""
     server = own_database
+    if fault == "crash of a server tuned not to wait":
+        conn = await asyncpg.connect(server.dsn())
+        try:
+            await conn.execute("ALTER SYSTEM SET synchronous_commit = off")
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
     product_id, actor = await products(stock=100_000, dsn=server.dsn())
     shoppers = Shoppers(actor)
 
@@ -244,7 +253,7 @@ async def test_a_database_fault_mid_stream_acknowledges_nothing_unflushed(
             finally:
                 await conn.close()
             return
-        await asyncio.to_thread(server.stop, "immediate" if fault == "crash" else "fast")
+        await asyncio.to_thread(server.stop, "fast" if fault == "clean stop" else "immediate")
         await asyncio.sleep(1.0)
         await asyncio.to_thread(server.restart)
 

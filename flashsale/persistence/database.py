@@ -30,6 +30,14 @@ class Database:
             self.embedded.close()
 
 
+async def require_durable_commits(conn: asyncpg.Connection) -> None:
+    """The engine answers once a commit returns. On a server tuned with synchronous_commit = off
+    (a common tuning) it returns before the commit is on disk, and a crash would lose what was
+    acknowledged. Stronger settings (local, remote_apply, ...) are kept as they are."""
+    if await conn.fetchval("SHOW synchronous_commit") == "off":
+        await conn.execute("SET synchronous_commit = on")
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Nothing to undo: the pool's users leave no session state behind (no SET, LISTEN,
     session-level advisory lock or open cursor), and asyncpg still rolls back a transaction
@@ -38,7 +46,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                     reset=_keep_session)
+                                     init=require_durable_commits, reset=_keep_session)
 
 
 async def connect(dsn: str) -> asyncpg.Connection:
