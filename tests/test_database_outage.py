@@ -1,10 +1,12 @@
-"""While PostgreSQL is down: the API answers 503 with Retry-After, never 500, and serves again
-once the database is back; background work logs the outage once."""
+"""While PostgreSQL is down or drops connections: the API answers 503 with Retry-After, never
+500, and serves again once the database is back; background work logs the outage once."""
 
 import asyncio
 import logging
 import time
+from collections import Counter
 
+import asyncpg
 import pytest
 from conftest import ApiFactory
 
@@ -46,6 +48,45 @@ async def test_every_route_answers_503_while_the_database_is_down(
         await asyncio.to_thread(own_database.restart)
     status, me, _ = await api.call("GET", "/auth/me", token)
     assert (status, me["email"]) == (200, email)
+
+
+async def test_connections_dropped_under_load_are_answered_503_never_500(
+    make_api: ApiFactory, database_dsn: str
+) -> None:
+    """A pooled connection whose session the server ended while it was idle can fail its next
+    query in a way of asyncpg's own (see DATABASE_DOWN)."""
+    api = await make_api()
+    product_id = await api.sale(stock=10_000, limit=10)
+    tokens = [(await api.register())[1] for _ in range(8)]
+    answers: Counter[tuple[str, int]] = Counter()
+    shopping = True
+
+    async def shop(token: str) -> None:
+        for n in range(1_000_000):
+            if not shopping:
+                return
+            for method, path, body in (("GET", "/orders", None), ("GET", "/auth/me", None),
+                                       ("POST", "/orders", {"product_id": product_id,
+                                                            "quantity": 1})):
+                headers = {"X-Idempotency-Key": f"attempt-{n}"}
+                status, _, _ = await api.call(method, path, token, body, headers)
+                answers[method + " " + path, status] += 1
+
+    shoppers = [asyncio.create_task(shop(token)) for token in tokens]
+    admin = await asyncpg.connect(database_dsn)
+    try:
+        for _ in range(6):
+            await asyncio.sleep(0.3)
+            assert await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    finally:
+        await admin.close()
+        await asyncio.sleep(0.5)
+        shopping = False
+        await asyncio.gather(*shoppers)
+    assert {status for _, status in answers} <= {200, 201, 409, 503}, answers
+    assert answers["GET /orders", 200] and answers["POST /orders", 201], answers
 
 
 @pytest.mark.parametrize("task", ["payment worker", "deactivated users refresh"])

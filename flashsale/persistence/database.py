@@ -12,10 +12,11 @@ EMBEDDED_DATABASE = "flashsale"
 CONNECT_TIMEOUT_S = 10.0
 
 # The database cannot be reached or cannot serve now (down, restarting, out of connections): the
-# caller should retry. Other database errors are bugs.
+# caller should retry. Other database errors are bugs. asyncpg raises InternalClientError on a
+# pooled connection whose session the server ended while it was idle (asyncpg issue #1069).
 DATABASE_DOWN = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
                  asyncpg.exceptions.OperatorInterventionError,
-                 asyncpg.exceptions.InsufficientResourcesError)
+                 asyncpg.exceptions.InsufficientResourcesError, asyncpg.InternalClientError)
 
 
 class Database:
