@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 
 import asyncpg
@@ -27,11 +28,15 @@ from flashsale.payments.razorpay_gateway import RazorpayGateway
 from flashsale.payments.sandbox import SandboxGateway
 from flashsale.payments.stripe_gateway import StripeGateway
 from flashsale.persistence.database import open_database
+from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.products import insert_product
 from flashsale.persistence.users import create_user, ensure_admin
-from flashsale.tasks import stop_task
+from flashsale.tasks import Outage, repeat, stop_task
+
+log = logging.getLogger(__name__)
 
 DEMO_ADMIN_EMAIL = "admin@flashsale.example"
+DATABASE_WATCH_S = 1.0
 FRONT_END_WATCH_S = 1.0  # also the pace at which a front end that keeps failing is restarted
 FRONT_END_STOP_S = 10.0
 
@@ -226,12 +231,28 @@ class OtherFrontEnds:
                 process.kill()
 
 
+def _keep_embedded_database(embedded: EmbeddedPostgres) -> "asyncio.Task[None]":
+    """The server owns its embedded database, as it owns its front ends: one whose postmaster
+    died is started again. Every route answers 503 meanwhile."""
+    async def start_again_if_dead() -> None:
+        if await asyncio.to_thread(embedded.start_again_if_dead):
+            print("flashsale: the embedded PostgreSQL had stopped; started it again", flush=True)
+
+    # Its old backends may hold its shared memory for a moment: then a start fails, and the next
+    # round tries again.
+    outage = Outage(log, "starting the embedded PostgreSQL again", "retrying",
+                    (subprocess.CalledProcessError, subprocess.TimeoutExpired))
+    return asyncio.get_running_loop().create_task(
+        repeat(start_again_if_dead, DATABASE_WATCH_S, outage))
+
+
 async def serve(settings: Settings, demo: bool) -> None:
     admin = _admin_from_env()
     stop = _stop_on_signals(signal.SIGINT, signal.SIGTERM)
     database = await open_database(settings)
     where = f"embedded, data in {database.embedded.pgdata}" if database.embedded else "external"
     print(f"flashsale: PostgreSQL ready ({where})", flush=True)
+    watch = _keep_embedded_database(database.embedded) if database.embedded else None
     try:
         await asyncio.to_thread(start_ray, settings.ray_address)
         print(f"flashsale: Ray ready ({settings.ray_address or 'local instance'})", flush=True)
@@ -262,6 +283,7 @@ async def serve(settings: Settings, demo: bool) -> None:
     except (OSError, asyncpg.PostgresError) as error:
         raise ConfigError(f"stopped: {error}") from None
     finally:
+        await stop_task(watch)
         if ray.is_initialized():
             ray.shutdown()
         database.close()

@@ -115,3 +115,38 @@ def test_health_answers_503_once_the_servers_ray_node_is_dead(tmp_path: Path) ->
         server.process.kill()
         server.process.communicate(timeout=60)
         EmbeddedPostgres(tmp_path).start().close()  # the killed server's database stops too
+
+
+@pytest.mark.timeout(240)
+def test_the_embedded_database_is_started_again_when_it_dies(tmp_path: Path) -> None:
+    server = Server(tmp_path, free_port())
+    try:
+        admin = server.login(**ADMIN)
+        status, sale = server.call("POST", "/products", {
+            "name": "Outage-proof sale", "price": 1000, "stock": 5, "per_user_limit": 2,
+            "sale_starts_at": "2026-01-01T00:00:00Z", "sale_ends_at": "2099-01-01T00:00:00Z"},
+            admin)
+        assert status == 201, sale
+        status, placed = server.call("POST", "/orders", {"product_id": sale["id"], "quantity": 1},
+                                     admin, {"X-Idempotency-Key": "before"})
+        assert status == 201, placed
+        postmaster = PostmasterInfo.read_from_pgdata(tmp_path / "pg")
+        assert postmaster is not None
+        os.kill(postmaster.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while (status := server.call("GET", "/health")[0]) != 200:
+            assert time.monotonic() < deadline, f"/health answers {status} 30 s later"
+            time.sleep(0.5)
+        status, order = server.call("GET", f"/orders/{placed['order_id']}", token=admin)
+        assert (status, order["status"]) == (200, "pending")
+        # The actor's first flush since meets its dead connection: 503, and it recovers.
+        while (status := server.call("POST", "/orders", {"product_id": sale["id"], "quantity": 1},
+                                     admin, {"X-Idempotency-Key": "after"})[0]) == 503:
+            assert time.monotonic() < deadline, "orders still answer 503 30 s later"
+            time.sleep(0.5)
+        assert status == 201
+    finally:
+        log = server.stop()
+    assert "the embedded PostgreSQL had stopped; started it again" in log
+    assert "stopped" in log

@@ -60,6 +60,14 @@ class EmbeddedPostgres:
             if not psutil.pid_exists(pid):
                 handles.get_and_remove(pid)
 
+    def start_again_if_dead(self) -> bool:
+        """Start the server again if its postmaster died (killed, or out of memory), as after any
+        crash it recovers from its own log; returns whether it had died."""
+        if self._running():
+            return False
+        self.restart()
+        return True
+
     def _running(self) -> bool:
         info = PostmasterInfo.read_from_pgdata(self.pgdata)
         return info is not None and info.is_running()
