@@ -27,7 +27,7 @@ from flashsale.actors.messages import (
     ProductCounts,
 )
 from flashsale.actors.product import Policy, ProductState, Reply, execute
-from flashsale.persistence.database import require_durable_commits
+from flashsale.persistence.database import DATABASE_DOWN, require_durable_commits
 from flashsale.persistence.replay import Rebuilt, encode_state, rebuild
 from flashsale.persistence.wal import (
     QUEUE_DEPTH_MAX,
@@ -45,7 +45,9 @@ RECOVERY_WAIT_S = 2.0
 RECONNECT_BACKOFF_MAX_S = 2.0
 CONNECT_TIMEOUT_S = 5.0
 GIL_SWITCH_INTERVAL_S = 0.000_5  # Python's default is 5 ms
-_RETRIED_IN_RECOVERY = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# Whatever keeps the database from answering now, and any error of PostgreSQL's: a recovery
+# that gave up would leave the product refusing every call while its process lives.
+_RETRIED_IN_RECOVERY = (*DATABASE_DOWN, asyncpg.PostgresError)
 
 _commands_encoder = msgspec.msgpack.Encoder()
 _commands_decoder = msgspec.msgpack.Decoder(list[Command])
