@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 from multidict import CIMultiDictProxy
 from ray.actor import ActorHandle
 
@@ -117,6 +118,18 @@ async def forgotten(actor: ActorHandle, order_id: str, timeout_s: float = 15) ->
         assert time.monotonic() < deadline, f"order {order_id} was never forgotten"
         await asyncio.sleep(0.1)
     return state
+
+
+async def drop_sessions(dsn: str) -> int:
+    """End every other session of the database `dsn` names, as a server or a network would;
+    returns how many there were."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+    finally:
+        await conn.close()
 
 
 ADMIN = {"email": "ops@example.com", "password": "ops-pass-1"}

@@ -6,9 +6,9 @@ import logging
 import time
 from collections import Counter
 
-import asyncpg
 import pytest
 from conftest import ApiFactory
+from helpers import drop_sessions
 
 from flashsale.config import DEFAULT_LIMITS
 from flashsale.http.auth import DeactivatedUsers
@@ -73,15 +73,11 @@ async def test_connections_dropped_under_load_are_answered_503_never_500(
                 answers[method + " " + path, status] += 1
 
     shoppers = [asyncio.create_task(shop(token)) for token in tokens]
-    admin = await asyncpg.connect(database_dsn)
     try:
         for _ in range(6):
             await asyncio.sleep(0.3)
-            assert await admin.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            assert await drop_sessions(database_dsn)
     finally:
-        await admin.close()
         await asyncio.sleep(0.5)
         shopping = False
         await asyncio.gather(*shoppers)

@@ -15,7 +15,7 @@ import asyncpg
 import msgspec
 import pytest
 import ray
-from helpers import forgotten, live_state
+from helpers import drop_sessions, forgotten, live_state
 from ray.actor import ActorHandle
 
 from flashsale.actors import batching
@@ -245,13 +245,7 @@ async def test_a_database_fault_mid_stream_acknowledges_nothing_unflushed(
         while len(shoppers.acknowledged) < 50:
             await asyncio.sleep(0.01)
         if fault == "dropped connection":
-            conn = await asyncpg.connect(server.dsn())
-            try:
-                assert await conn.fetchval(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
-            finally:
-                await conn.close()
+            assert await drop_sessions(server.dsn())
             return
         await asyncio.to_thread(server.stop, "fast" if fault == "clean stop" else "immediate")
         await asyncio.sleep(1.0)
