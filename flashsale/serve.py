@@ -8,7 +8,6 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 
 import asyncpg
@@ -28,7 +27,7 @@ from flashsale.payments.razorpay_gateway import RazorpayGateway
 from flashsale.payments.sandbox import SandboxGateway
 from flashsale.payments.stripe_gateway import StripeGateway
 from flashsale.persistence.database import open_database
-from flashsale.persistence.embedded import EmbeddedPostgres
+from flashsale.persistence.embedded import EmbeddedPostgres, StartFailed
 from flashsale.persistence.products import insert_product
 from flashsale.persistence.users import create_user, ensure_admin
 from flashsale.tasks import Outage, repeat, stop_task
@@ -238,10 +237,9 @@ def _keep_embedded_database(embedded: EmbeddedPostgres) -> "asyncio.Task[None]":
         if await asyncio.to_thread(embedded.start_again_if_dead):
             print("flashsale: the embedded PostgreSQL had stopped; started it again", flush=True)
 
-    # Its old backends may hold its shared memory for a moment: then a start fails, and the next
-    # round tries again.
-    outage = Outage(log, "starting the embedded PostgreSQL again", "retrying",
-                    (subprocess.CalledProcessError, subprocess.TimeoutExpired))
+    # Its old backends may hold its shared memory for a moment, or its disk may be full: then a
+    # start fails, and the next round tries again.
+    outage = Outage(log, "starting the embedded PostgreSQL again", "retrying", (StartFailed,))
     return asyncio.get_running_loop().create_task(
         repeat(start_again_if_dead, DATABASE_WATCH_S, outage))
 

@@ -10,6 +10,7 @@ import pytest
 from helpers import free_port
 
 from flashsale.cli import build_parser
+from flashsale.persistence.embedded import EmbeddedPostgres
 
 
 def flashsale(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -76,6 +77,23 @@ def test_a_worker_count_out_of_range_stops_the_start_with_one_line(workers: str)
     out, err = process.communicate(timeout=30)
     assert process.returncode == 2
     assert err.strip() == f"flashsale: --workers must be between 1 and 64, got {workers}"
+
+
+@pytest.mark.parametrize("command", ["serve", "replay"])
+def test_an_embedded_database_that_cannot_start_stops_the_start_with_one_line(
+    command: str, tmp_path: Path,
+) -> None:
+    EmbeddedPostgres(tmp_path).start().close()
+    pgdata = tmp_path / "pg"
+    settings = pgdata / "postgresql.auto.conf"
+    settings.write_text(settings.read_text() + "max_connections = 'lots'\n")
+    env = {k: v for k, v in os.environ.items() if k != "FLASHSALE_DATABASE_URL"}
+    process = flashsale(command, "--data-dir", str(tmp_path), env=env)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert err.strip() == (
+        f"flashsale: the embedded PostgreSQL in {pgdata} did not start: FATAL: configuration "
+        f'file "{settings}" contains errors (its log: {pgdata / "log"})')
 
 
 def test_replay_of_a_data_dir_without_a_database_says_so_and_creates_none(

@@ -5,7 +5,7 @@ import asyncio
 import asyncpg
 
 from flashsale.config import ConfigError, Settings
-from flashsale.persistence.embedded import EmbeddedPostgres
+from flashsale.persistence.embedded import EmbeddedPostgres, StartFailed
 from flashsale.persistence.migrate import migrate
 
 EMBEDDED_DATABASE = "flashsale"
@@ -64,7 +64,10 @@ async def open_database(settings: Settings) -> Database:
         database = Database(settings.database_url)
     else:
         embedded = EmbeddedPostgres(settings.data_dir)
-        await asyncio.to_thread(embedded.start)
+        try:
+            await asyncio.to_thread(embedded.start)
+        except StartFailed as error:
+            raise ConfigError(str(error)) from None
         admin = await connect(embedded.dsn())
         try:
             exists = await admin.fetchval(

