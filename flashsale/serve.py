@@ -56,9 +56,11 @@ def start_ray(address: str | None) -> None:
                  "ray._private.authentication.authentication_token_setup"):
         logging.getLogger(name).addFilter(_DropRayNotices())
     configure_ray()
+    if not sys.stdout.isatty():  # the actors' log lines, printed here, go to a file: no colours
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     # "local" always starts a new instance: never join a Ray that happens to run here.
     ray.init(address=address or "local", namespace=NAMESPACE, include_dashboard=False,
-             log_to_driver=False, logging_level=logging.WARNING)
+             logging_level=logging.WARNING)
 
 
 def _stop_on_signals(*signals: signal.Signals) -> asyncio.Event:

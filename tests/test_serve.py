@@ -118,7 +118,9 @@ def test_health_answers_503_once_the_servers_ray_node_is_dead(tmp_path: Path) ->
 
 
 @pytest.mark.timeout(240)
-def test_the_embedded_database_is_started_again_when_it_dies(tmp_path: Path) -> None:
+def test_the_embedded_database_is_started_again_as_soon_as_it_can_start(tmp_path: Path) -> None:
+    """Its postmaster killed while its configuration is broken: the server says why it cannot
+    start it, once, and starts it once the configuration is mended."""
     server = Server(tmp_path, free_port())
     try:
         admin = server.login(**ADMIN)
@@ -130,10 +132,17 @@ def test_the_embedded_database_is_started_again_when_it_dies(tmp_path: Path) -> 
         status, placed = server.call("POST", "/orders", {"product_id": sale["id"], "quantity": 1},
                                      admin, {"X-Idempotency-Key": "before"})
         assert status == 201, placed
+        settings = tmp_path / "pg" / "postgresql.auto.conf"
+        mended = settings.read_text()
+        settings.write_text(mended + "max_connections = 'lots'\n")
         postmaster = PostmasterInfo.read_from_pgdata(tmp_path / "pg")
         assert postmaster is not None
         os.kill(postmaster.pid, signal.SIGKILL)
-        time.sleep(0.5)
+        server.wait_for(r"starting the embedded PostgreSQL again failed, retrying: the embedded "
+                        r"PostgreSQL in \S+ did not start: FATAL: configuration file .* contains "
+                        r"errors \(its log: \S+\)")
+        time.sleep(3)  # three more tries, each failing the same way
+        settings.write_text(mended)
         deadline = time.monotonic() + 30
         while (status := server.call("GET", "/health")[0]) != 200:
             assert time.monotonic() < deadline, f"/health answers {status} 30 s later"
@@ -146,7 +155,11 @@ def test_the_embedded_database_is_started_again_when_it_dies(tmp_path: Path) -> 
             assert time.monotonic() < deadline, "orders still answer 503 30 s later"
             time.sleep(0.5)
         assert status == 201
+        # What the actor says reaches the server's output.
+        server.wait_for(rf"product {sale['id']}: writing its log works again")
     finally:
         log = server.stop()
     assert "the embedded PostgreSQL had stopped; started it again" in log
+    assert log.count("contains errors") == 1, log
+    assert f"product {sale['id']}: writing its log failed" in log
     assert "stopped" in log

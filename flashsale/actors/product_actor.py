@@ -138,6 +138,10 @@ class ProductActor:
         self._last_call = time.monotonic()
         loop = asyncio.get_running_loop()  # Ray runs an async actor's constructor in its loop
         self._recovery = loop.create_task(self._recover())
+        # Said once when commits start failing (a full disk, a database refusing), not at every
+        # batch that fails on it, and once when they go through again.
+        self._logging = Outage(log, f"product {product_id}: writing its log",
+                               "its calls answer 503 while it recovers", _RETRIED_IN_RECOVERY)
         outage = Outage(log, f"product {product_id}: housekeeping", "due chores wait",
                         (ProductUnavailable,))
         self._timer = loop.create_task(repeat(self._keep_house, HOUSEKEEPING_INTERVAL_S, outage))
@@ -197,9 +201,11 @@ class ProductActor:
             durable = writer.durable()  # a duplicate's answer may rest on events still in flight
         try:
             await durable
-        except WalBroken:
+        except WalBroken as broken:
+            self._logging.failed(writer.failure or broken)
             self._start_recovery(writer)
             raise ProductUnavailable("the write-ahead log could not be written") from None
+        self._logging.worked()
         return replies
 
     def _maybe_snapshot(self, new_events: int) -> tuple[int, bytes] | None:
