@@ -8,7 +8,7 @@ import pytest
 
 from flashsale.config import ConfigError, load_settings, stored_secret
 from flashsale.persistence.database import create_pool, open_database
-from flashsale.persistence.embedded import MAX_CONNECTIONS
+from flashsale.persistence.embedded import MAX_CONNECTIONS, EmbeddedPostgres
 from flashsale.persistence.migrate import migrate, migration_files
 
 
@@ -62,6 +62,24 @@ async def test_the_engines_commits_wait_for_the_disk_whatever_the_database_says(
         assert await pool.fetchval("SHOW synchronous_commit") == engine_setting
     finally:
         await pool.close()
+
+
+async def test_a_database_that_may_lose_commits_in_a_crash_is_warned_of_at_every_start(
+    own_database: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(env={"FLASHSALE_DATABASE_URL": own_database.dsn()})
+    await open_database(settings)
+    assert "a crash of its machine may lose" not in caplog.text
+    conn = await asyncpg.connect(own_database.dsn())
+    try:
+        await conn.execute("ALTER SYSTEM SET fsync = off")
+    finally:
+        await conn.close()
+    await asyncio.to_thread(own_database.stop)
+    await asyncio.to_thread(own_database.restart)
+    await open_database(load_settings(env={"FLASHSALE_DATABASE_URL": own_database.dsn()}))
+    assert caplog.messages == ["the database runs with fsync = off: a crash of its machine may "
+                               "lose or corrupt acknowledged orders"]
 
 
 async def test_embedded_database_keeps_its_data_across_restarts(tmp_path: Path) -> None:

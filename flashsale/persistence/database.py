@@ -1,12 +1,15 @@
 """Where the database is: the embedded server by default, or FLASHSALE_DATABASE_URL."""
 
 import asyncio
+import logging
 
 import asyncpg
 
 from flashsale.config import ConfigError, Settings
 from flashsale.persistence.embedded import EmbeddedPostgres, StartFailed
 from flashsale.persistence.migrate import migrate
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_DATABASE = "flashsale"
 CONNECT_TIMEOUT_S = 10.0
@@ -37,6 +40,16 @@ async def require_durable_commits(conn: asyncpg.Connection) -> None:
     acknowledged. Stronger settings (local, remote_apply, ...) are kept as they are."""
     if await conn.fetchval("SHOW synchronous_commit") == "off":
         await conn.execute("SET synchronous_commit = on")
+
+
+async def warn_of_unsafe_settings(conn: asyncpg.Connection) -> None:
+    """Server settings no session can undo, under which a crash of the database's machine may
+    lose or corrupt orders the engine acknowledged: said at every start, as the engine runs on."""
+    for name in await conn.fetch("""SELECT name FROM pg_settings
+                                    WHERE name IN ('fsync', 'full_page_writes')
+                                      AND setting = 'off'"""):
+        log.warning("the database runs with %s = off: a crash of its machine may lose or "
+                    "corrupt acknowledged orders", name["name"])
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -81,6 +94,7 @@ async def open_database(settings: Settings) -> Database:
     conn = await connect(database.dsn)
     try:
         await migrate(conn)
+        await warn_of_unsafe_settings(conn)
     finally:
         await conn.close()
     return database
