@@ -355,12 +355,16 @@ async def test_an_actor_refuses_to_serve_from_a_corrupt_log(
             await send(actor, [place()])
         except ProductUnavailable as error:
             assert f"product {product_id}: WAL corrupt at seq 2" in str(error)
-            return
+            break
         except ray.exceptions.RayError:  # still restarting
             await asyncio.sleep(0.1)
             continue
         pytest.fail("the actor served from a corrupt log")
-    pytest.fail("the actor never came back to refuse")
+    else:
+        pytest.fail("the actor never came back to refuse")
+    said = _actor_log(await actor.pid.remote())
+    assert f"product {product_id}: WAL corrupt at seq 2: " in said
+    assert "the product refuses every call until its log is mended" in said
 
 
 async def test_a_damaged_snapshot_is_passed_over_for_the_whole_wal(

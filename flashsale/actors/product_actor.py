@@ -274,6 +274,8 @@ class ProductActor:
         outage.worked()
         if rebuilt.corruption is not None:
             conn.terminate()
+            log.error("%s; the product refuses every call until its log is mended "
+                      "(`flashsale replay` shows where)", rebuilt.corruption)
             raise ProductUnavailable(str(rebuilt.corruption))
         return conn, rebuilt
 
