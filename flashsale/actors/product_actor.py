@@ -36,7 +36,7 @@ from flashsale.persistence.wal import (
     WalWriter,
     keep_counts,
 )
-from flashsale.tasks import LoopThread, Outage, repeat
+from flashsale.tasks import LoopThread, Outage, repeat, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +169,20 @@ class ProductActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def retire(self) -> None:
+    async def retire(self) -> None:
         """Exit for good if the product may still retire (a call may have come since it was
         found retirable). Ray fails the calls that come later, and the front end that gets such
         a failure starts the product again (`ProductRouter`)."""
-        if self._retirable():
-            log.info("product %s: sale ended and idle; retiring its actor", self._product_id)
-            ray.actor.exit_actor()
+        if not self._retirable():
+            return
+        log.info("product %s: sale ended and idle; retiring its actor", self._product_id)
+        # Its tasks end before its process does, which asyncio would report as an error. The
+        # closed writer refuses a call that comes meanwhile (a 503, and the retry finds the
+        # actor gone).
+        assert self._writer is not None
+        await self._writer.close()
+        await stop_task(self._timer)
+        ray.actor.exit_actor()
 
     async def _decide_durably(self, commands: list[Command]) -> list[Reply]:
         writer = await self._ready()

@@ -172,7 +172,8 @@ class WalWriter:
         return self._last
 
     async def close(self) -> None:
-        """Stop flushing; the caller owns the connection."""
+        """Stop flushing and accept no more appends; the caller owns the connection."""
+        self.failure = self.failure or WalBroken("the write-ahead log was closed")
         await self._io.run(stop_task(self._task))
 
     def _start(self) -> None:
