@@ -132,6 +132,17 @@ async def drop_sessions(dsn: str) -> int:
         await conn.close()
 
 
+async def set_database_default(dsn: str, setting: str, value: str) -> None:
+    """Give the database `dsn` names a default for `setting`, as its operator may have: its
+    sessions from now on start with it."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"ALTER DATABASE {await conn.fetchval('SELECT current_database()')} "
+                           f"SET {setting} = '{value}'")
+    finally:
+        await conn.close()
+
+
 ADMIN = {"email": "ops@example.com", "password": "ops-pass-1"}
 
 

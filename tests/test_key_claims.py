@@ -3,17 +3,22 @@
 import asyncio
 import uuid
 
-import asyncpg
+import pytest
+from helpers import set_database_default
 
 from flashsale.ids import uuid7
+from flashsale.persistence.database import create_pool
 from flashsale.persistence.orders import claim_keys
 
 
+@pytest.mark.parametrize("database_isolation", ["read committed", "serializable"])
 async def test_batches_claiming_shared_keys_in_opposite_orders_split_them_cleanly(
-        database_dsn: str) -> None:
+        database_dsn: str, database_isolation: str) -> None:
     """Two products' batches claim the same keys at once, listed in opposite orders: no
-    deadlock (which would fail a whole batch), and every key goes to exactly one product."""
-    db = await asyncpg.create_pool(database_dsn, min_size=2, max_size=2)
+    deadlock (which would fail a whole batch), and every key goes to exactly one product,
+    whatever isolation the database's sessions default to."""
+    await set_database_default(database_dsn, "default_transaction_isolation", database_isolation)
+    db = await create_pool(database_dsn, min_size=2, max_size=2)
     try:
         for _ in range(10):
             users = [str(uuid.uuid4()) for _ in range(300)]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from helpers import set_database_default
 
 from flashsale.config import ConfigError, load_settings, stored_secret
 from flashsale.persistence.database import create_pool, open_database
@@ -50,13 +51,7 @@ async def test_concurrent_migrators_apply_each_migration_once(embedded_pg: objec
 async def test_the_engines_commits_wait_for_the_disk_whatever_the_database_says(
     database_dsn: str, database_setting: str, engine_setting: str
 ) -> None:
-    conn = await asyncpg.connect(database_dsn)
-    try:
-        await conn.execute(
-            f"ALTER DATABASE {await conn.fetchval('SELECT current_database()')} "
-            f"SET synchronous_commit = {database_setting}")
-    finally:
-        await conn.close()
+    await set_database_default(database_dsn, "synchronous_commit", database_setting)
     pool = await create_pool(database_dsn, min_size=1, max_size=1)
     try:
         assert await pool.fetchval("SHOW synchronous_commit") == engine_setting

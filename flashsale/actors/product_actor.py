@@ -27,7 +27,7 @@ from flashsale.actors.messages import (
     ProductCounts,
 )
 from flashsale.actors.product import Policy, ProductState, Reply, execute
-from flashsale.persistence.database import DATABASE_DOWN, require_durable_commits
+from flashsale.persistence.database import DATABASE_DOWN, configure_session
 from flashsale.persistence.replay import Rebuilt, encode_state, rebuild
 from flashsale.persistence.wal import (
     QUEUE_DEPTH_MAX,
@@ -264,7 +264,7 @@ class ProductActor:
             conn = None
             try:
                 conn = await asyncpg.connect(self._config.dsn, timeout=CONNECT_TIMEOUT_S)
-                await require_durable_commits(conn)
+                await configure_session(conn)
                 # Waits for an older incarnation's session to end: one writer ever appends.
                 await conn.execute("SELECT pg_advisory_lock($1)",
                                    writer_lock_key(self._product_id))

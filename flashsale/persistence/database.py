@@ -34,12 +34,20 @@ class Database:
             self.embedded.close()
 
 
-async def require_durable_commits(conn: asyncpg.Connection) -> None:
-    """The engine answers once a commit returns. On a server tuned with synchronous_commit = off
-    (a common tuning) it returns before the commit is on disk, and a crash would lose what was
-    acknowledged. Stronger settings (local, remote_apply, ...) are kept as they are."""
+async def configure_session(conn: asyncpg.Connection) -> None:
+    """What the engine relies on in every session, whatever the database's defaults say.
+
+    - The engine answers once a commit returns. On a server tuned with synchronous_commit = off
+      (a common tuning) it returns before the commit is on disk, and a crash would lose what was
+      acknowledged. Stronger settings (local, remote_apply, ...) are kept as they are.
+    - Claims (an idempotency key, a payment id, a webhook's event id) are INSERT ... ON CONFLICT
+      statements that wait for a concurrent claim of the same row and then see it. They need READ
+      COMMITTED: under a default of REPEATABLE READ or SERIALIZABLE the second of two claims at
+      once fails with a serialization error instead.
+    """
     if await conn.fetchval("SHOW synchronous_commit") == "off":
         await conn.execute("SET synchronous_commit = on")
+    await conn.execute("SET default_transaction_isolation = 'read committed'")
 
 
 async def warn_of_unsafe_settings(conn: asyncpg.Connection) -> None:
@@ -60,7 +68,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                     init=require_durable_commits, reset=_keep_session)
+                                     init=configure_session, reset=_keep_session)
 
 
 async def connect(dsn: str) -> asyncpg.Connection:
