@@ -1,5 +1,6 @@
 """The `flashsale` command as a user runs it: a real process, real signals."""
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -7,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, set_database_default
 
 from flashsale.cli import build_parser
 from flashsale.persistence.embedded import EmbeddedPostgres
@@ -94,6 +95,18 @@ def test_an_embedded_database_that_cannot_start_stops_the_start_with_one_line(
     assert err.strip() == (
         f"flashsale: the embedded PostgreSQL in {pgdata} did not start: FATAL: configuration "
         f'file "{settings}" contains errors (its log: {pgdata / "log"})')
+
+
+@pytest.mark.parametrize("command", ["serve", "replay"])
+async def test_a_read_only_database_stops_the_start_with_one_line(
+    command: str, database_dsn: str,
+) -> None:
+    await set_database_default(database_dsn, "default_transaction_read_only", "on")
+    process = flashsale(command, env={**os.environ, "FLASHSALE_DATABASE_URL": database_dsn})
+    out, err = await asyncio.to_thread(process.communicate, timeout=60)
+    assert process.returncode == 2
+    assert err.strip() == ("flashsale: cannot set up the database: cannot execute CREATE TABLE "
+                           "in a read-only transaction")
 
 
 def test_replay_of_a_data_dir_without_a_database_says_so_and_creates_none(

@@ -103,6 +103,9 @@ async def open_database(settings: Settings) -> Database:
     try:
         await migrate(conn)
         await warn_of_unsafe_settings(conn)
+    except asyncpg.PostgresError as error:  # a read-only database, or no right to create tables
+        database.close()
+        raise ConfigError(f"cannot set up the database: {error}") from None
     finally:
         await conn.close()
     return database
