@@ -15,7 +15,7 @@ import asyncpg
 import msgspec
 import pytest
 import ray
-from helpers import drop_sessions, forgotten, live_state
+from helpers import drop_sessions, forgotten, live_state, set_database_default
 from ray.actor import ActorHandle
 
 from flashsale.actors import batching
@@ -265,6 +265,19 @@ async def test_a_database_fault_mid_stream_acknowledges_nothing_unflushed(
         assert durable.state.orders[order.order_id].status is OrderStatus.PENDING
     assert len(durable.state.orders) == len(acknowledged)
     assert durable.state == await live_state(actor)
+
+
+async def test_an_actor_keeps_its_session_where_the_database_ends_idle_ones(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    """A server may end sessions idle for a while (idle_session_timeout). The actor's session,
+    which waits for the product's next order, must not be one of them."""
+    await set_database_default(database_dsn, "idle_session_timeout", "500ms")
+    _, actor = await products(stock=10)
+    [first] = await send(actor, [place()])
+    await asyncio.sleep(1)  # idle for twice the server's limit
+    [second] = await send(actor, [place()])
+    assert isinstance(first, OrderRecord) and isinstance(second, OrderRecord)
 
 
 def _actor_log(pid: int) -> str:

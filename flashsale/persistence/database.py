@@ -34,20 +34,30 @@ class Database:
             self.embedded.close()
 
 
+# Set where the server has them: idle_session_timeout came with PostgreSQL 14.
+_SESSION_SETTINGS = """
+SELECT set_config(name, value, false)
+FROM (VALUES ('default_transaction_isolation', 'read committed'),
+             ('idle_session_timeout', '0')) AS wanted(name, value)
+WHERE name IN (SELECT name FROM pg_settings)"""
+
+
 async def configure_session(conn: asyncpg.Connection) -> None:
     """What the engine relies on in every session, whatever the database's defaults say.
 
     - The engine answers once a commit returns. On a server tuned with synchronous_commit = off
       (a common tuning) it returns before the commit is on disk, and a crash would lose what was
       acknowledged. Stronger settings (local, remote_apply, ...) are kept as they are.
-    - Claims (an idempotency key, a payment id, a webhook's event id) are INSERT ... ON CONFLICT
-      statements that wait for a concurrent claim of the same row and then see it. They need READ
-      COMMITTED: under a default of REPEATABLE READ or SERIALIZABLE the second of two claims at
-      once fails with a serialization error instead.
+    - Claims and counters (an idempotency key, a payment id, a webhook's event id, a rate limit)
+      are INSERT ... ON CONFLICT statements that wait for a concurrent write of the same row and
+      then see it. They need READ COMMITTED: under a default of REPEATABLE READ or SERIALIZABLE
+      the second of two claims at once fails with a serialization error instead.
+    - Its sessions are kept on purpose, idle or not: an actor's WAL connection waits for the
+      product's next order. A server that ends idle sessions would fail that order's commit.
     """
     if await conn.fetchval("SHOW synchronous_commit") == "off":
         await conn.execute("SET synchronous_commit = on")
-    await conn.execute("SET default_transaction_isolation = 'read committed'")
+    await conn.execute(_SESSION_SETTINGS)
 
 
 async def warn_of_unsafe_settings(conn: asyncpg.Connection) -> None:
