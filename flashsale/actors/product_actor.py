@@ -140,7 +140,7 @@ class ProductActor:
         self._recovery = loop.create_task(self._recover())
         # Said once when commits start failing (a full disk, a database refusing), not at every
         # batch that fails on it, and once when they go through again.
-        self._logging = Outage(log, f"product {product_id}: writing its log",
+        self._commit_outage = Outage(log, f"product {product_id}: writing its log",
                                "its calls answer 503 while it recovers", _RETRIED_IN_RECOVERY)
         outage = Outage(log, f"product {product_id}: housekeeping", "due chores wait",
                         (ProductUnavailable,))
@@ -209,10 +209,10 @@ class ProductActor:
         try:
             await durable
         except WalBroken as broken:
-            self._logging.failed(writer.failure or broken)
+            self._commit_outage.failed(writer.failure or broken)
             self._start_recovery(writer)
             raise ProductUnavailable("the write-ahead log could not be written") from None
-        self._logging.worked()
+        self._commit_outage.worked()
         return replies
 
     def _maybe_snapshot(self, new_events: int) -> tuple[int, bytes] | None:

@@ -63,11 +63,11 @@ async def configure_session(conn: asyncpg.Connection) -> None:
 async def warn_of_unsafe_settings(conn: asyncpg.Connection) -> None:
     """Server settings no session can undo, under which a crash of the database's machine may
     lose or corrupt orders the engine acknowledged: said at every start, as the engine runs on."""
-    for name in await conn.fetch("""SELECT name FROM pg_settings
-                                    WHERE name IN ('fsync', 'full_page_writes')
-                                      AND setting = 'off'"""):
+    for row in await conn.fetch("""SELECT name FROM pg_settings
+                                   WHERE name IN ('fsync', 'full_page_writes')
+                                     AND setting = 'off'"""):
         log.warning("the database runs with %s = off: a crash of its machine may lose or "
-                    "corrupt acknowledged orders", name["name"])
+                    "corrupt acknowledged orders", row["name"])
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
