@@ -40,21 +40,10 @@ FRONT_END_WATCH_S = 1.0  # also the pace at which a front end that keeps failing
 FRONT_END_STOP_S = 10.0
 
 
-class _DropRayNotices(logging.Filter):
-    """Ray's start-up notices that are expected here and only alarm an operator."""
-
-    NOTICES = ("SIGTERM handler is not set", "Token authentication is enabled")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(notice in record.getMessage() for notice in self.NOTICES)
-
-
 def start_ray(address: str | None) -> None:
     """Started off the main thread on purpose: on it, ray.init installs a SIGTERM handler that
-    exits at once, racing ours (which stops the server cleanly). Ray notes that; we drop it."""
-    for name in ("ray._private.worker",
-                 "ray._private.authentication.authentication_token_setup"):
-        logging.getLogger(name).addFilter(_DropRayNotices())
+    exits at once, racing ours (which stops the server cleanly). Ray notes that;
+    `configure_ray` drops the note."""
     configure_ray()
     if not sys.stdout.isatty():  # the actors' log lines, printed here, go to a file: no colours
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
