@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import subprocess
 from pathlib import Path
 
 import asyncpg
@@ -88,6 +89,27 @@ async def test_the_directories_opened_for_the_embedded_servers_user_are_named(
     opened = closed.stat().st_mode & 0o055 == 0o055
     assert opened == (os.geteuid() == 0)  # only root's server runs as a user of its own
     assert (f"made readable and searchable by all users: {closed}" in caplog.text) == opened
+
+
+def test_a_lock_file_naming_another_process_is_not_taken_for_the_server(tmp_path: Path) -> None:
+    """After a crash of the machine, postmaster.pid may name a pid another process holds now:
+    the server starts all the same, and that process is left alone."""
+    server = EmbeddedPostgres(tmp_path).start()
+    lock = server.pgdata / "postmaster.pid"
+    after_the_pid = lock.read_text().partition("\n")[2]
+    server.close()
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        lock.write_text(f"{other.pid}\n{after_the_pid}")
+        server = EmbeddedPostgres(tmp_path).start()
+        try:
+            assert "1 row" in server.server.psql("SELECT 1;")
+        finally:
+            server.close()
+        assert other.poll() is None, "the process the stale lock named was signalled"
+    finally:
+        other.kill()
+        other.wait()
 
 
 async def test_embedded_database_keeps_its_data_across_restarts(tmp_path: Path) -> None:

@@ -73,6 +73,7 @@ class EmbeddedPostgres:
     def start(self) -> "EmbeddedPostgres":
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         self._forget_dead_handles()
+        self._forget_stale_lock()
         running = self._running()
         # As root, the wheel runs the server as a system user of its own, and opens every
         # directory above the data and the binaries to all users so that this user reaches
@@ -112,10 +113,30 @@ class EmbeddedPostgres:
     def start_again_if_dead(self) -> bool:
         """Start the server again if its postmaster died (killed, or out of memory), as after any
         crash it recovers from its own log; returns whether it had died."""
+        self._forget_stale_lock()
         if self._running():
             return False
         self.restart()
         return True
+
+    def _forget_stale_lock(self) -> None:
+        """A postmaster.pid left by a server that died (with its machine, say) may name a pid
+        that another process holds now. The wheel would take that process for the server, fail
+        to reach the server, and on closing send that process pg_ctl's SIGTERM. PostgreSQL
+        itself starts over a lock file whose server is gone, so such a file is removed."""
+        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        if info is None or info.process is None:
+            return
+        try:
+            if info.process.name() == "postgres" and str(self.pgdata) in info.process.cmdline():
+                return
+        except psutil.AccessDenied:
+            return  # it cannot be checked: never take a live server's lock away
+        except psutil.NoSuchProcess:
+            pass
+        log.warning("%s names process %d, which is not its server: removed it as stale",
+                    self.pgdata / "postmaster.pid", info.pid)
+        (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
 
     def _running(self) -> bool:
         info = PostmasterInfo.read_from_pgdata(self.pgdata)
