@@ -11,6 +11,10 @@ import msgspec
 
 PROVIDERS = ("sandbox", "stripe", "razorpay")
 WORKERS_MAX = 64
+# The engine's own HMAC-SHA256 keys (tokens, sandbox webhooks) are at least as long as the hash
+# (RFC 7518, 3.2); PyJWT warns of shorter ones.
+SECRET_BYTES_MIN = 32
+SECRETS = ("FLASHSALE_JWT_SECRET", "FLASHSALE_SANDBOX_WEBHOOK_SECRET")
 
 
 class ConfigError(Exception):
@@ -104,6 +108,9 @@ def load_settings(env: dict[str, str] | None = None, **flags: object) -> Setting
     if provider == "stripe" and not stripe_keys:
         raise ConfigError("FLASHSALE_PAYMENT_PROVIDER=stripe needs STRIPE_API_KEY and "
                           "STRIPE_WEBHOOK_SECRET")
+    for name in SECRETS:
+        if 0 < len(env.get(name, "").encode()) < SECRET_BYTES_MIN:
+            raise ConfigError(f"{name} must be at least {SECRET_BYTES_MIN} bytes long")
     razorpay_keys = all(env.get(f"RAZORPAY_{name}") for name in
                         ("KEY_ID", "KEY_SECRET", "WEBHOOK_SECRET"))
     if provider == "razorpay" and not razorpay_keys:
@@ -136,14 +143,24 @@ def load_settings(env: dict[str, str] | None = None, **flags: object) -> Setting
 def stored_secret(data_dir: Path, name: str) -> str:
     """A secret generated once and kept in the data dir (mode 0600), so restarts keep it."""
     path = data_dir / "secrets" / name
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    value = secrets.token_urlsafe(48)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process generated it first: use theirs
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Written whole to a file of its own, then linked into place: a crash or a full disk
+        # cannot leave an empty secret, and of two processes at once, the first link wins.
+        draft = path.with_name(f".{name}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(48))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another process generated it first: use theirs
+        finally:
+            draft.unlink(missing_ok=True)
+    value = path.read_text().strip()
+    if len(value.encode()) < SECRET_BYTES_MIN:
+        raise ConfigError(f"the stored secret {path} is shorter than {SECRET_BYTES_MIN} bytes "
+                          "(cut short when it was written?): delete it and a new one is made")
     return value

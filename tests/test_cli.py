@@ -49,6 +49,21 @@ def test_bad_configuration_stops_the_start_with_one_line() -> None:
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("name", ["FLASHSALE_JWT_SECRET", "FLASHSALE_SANDBOX_WEBHOOK_SECRET"])
+def test_a_short_secret_stops_the_start_with_one_line(name: str, tmp_path: Path) -> None:
+    process = flashsale("serve", "--data-dir", str(tmp_path / "data"),
+                        env={**os.environ, name: "x" * 31})
+    try:
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:  # it started serving instead: stop it cleanly
+            process.terminate()
+            process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert err.strip() == f"flashsale: {name} must be at least 32 bytes long"
+    assert not (tmp_path / "data").exists()  # nothing started
+
+
 @pytest.mark.parametrize(("admin", "error"), [
     ({"FLASHSALE_ADMIN_EMAIL": "ops@example.com"},
      "set both FLASHSALE_ADMIN_EMAIL and FLASHSALE_ADMIN_PASSWORD, or neither"),

@@ -177,4 +177,18 @@ def test_flags_override_the_environment() -> None:
 def test_generated_secrets_are_kept_private_and_reused(tmp_path: Path) -> None:
     first = stored_secret(tmp_path, "jwt_secret")
     assert stored_secret(tmp_path, "jwt_secret") == first and len(first) >= 48
-    assert (tmp_path / "secrets" / "jwt_secret").stat().st_mode & 0o777 == 0o600
+    kept = tmp_path / "secrets" / "jwt_secret"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert list(kept.parent.iterdir()) == [kept]  # no draft left behind
+
+
+def test_a_stored_secret_cut_short_is_refused_with_how_to_mend_it(tmp_path: Path) -> None:
+    """An empty key would fail every login (PyJWT refuses it) and let anyone sign sandbox
+    webhooks (HMAC does not)."""
+    cut = tmp_path / "secrets" / "sandbox_webhook_secret"
+    cut.parent.mkdir()
+    cut.write_text("")
+    with pytest.raises(ConfigError, match="cut short when it was written.*delete it"):
+        stored_secret(tmp_path, "sandbox_webhook_secret")
+    cut.unlink()
+    assert len(stored_secret(tmp_path, "sandbox_webhook_secret")) >= 48
