@@ -107,12 +107,18 @@ def test_a_data_dir_the_embedded_database_cannot_be_created_in_stops_the_start_w
     pgdata = tmp_path / "pg"
     pgdata.mkdir()
     (pgdata / "notes.txt").write_text("not a database")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
     env = {k: v for k, v in os.environ.items() if k != "FLASHSALE_DATABASE_URL"}
-    process = flashsale("serve", "--data-dir", str(tmp_path), env=env)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 2
-    assert err.strip() == (f"flashsale: the embedded PostgreSQL in {pgdata} did not start: "
-                           f'initdb: error: directory "{pgdata}" exists but is not empty')
+    for data_dir, error in [
+        (tmp_path, f"the embedded PostgreSQL in {pgdata} did not start: "
+                   f'initdb: error: directory "{pgdata}" exists but is not empty'),
+        (not_a_dir / "data", f"the embedded PostgreSQL cannot keep its data in "
+                             f"{not_a_dir / 'data'}: Not a directory"),
+    ]:
+        process = flashsale("serve", "--data-dir", str(data_dir), env=env)
+        out, err = process.communicate(timeout=60)
+        assert (process.returncode, err.strip()) == (2, f"flashsale: {error}")
 
 
 @pytest.mark.parametrize("command", ["serve", "replay"])
