@@ -38,12 +38,27 @@ DEMO_ADMIN_EMAIL = "admin@flashsale.example"
 DATABASE_WATCH_S = 1.0
 FRONT_END_WATCH_S = 1.0  # also the pace at which a front end that keeps failing is restarted
 FRONT_END_STOP_S = 10.0
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def _check_reachable(ray_address: str) -> None:
+    """ray.init retries a cluster it cannot reach for minutes, deaf to SIGTERM meanwhile. A
+    cluster's GCS address (host:port) is tried first, so a wrong RAY_ADDRESS is one line."""
+    host, _, port = ray_address.rpartition(":")
+    if "://" in ray_address or not port.isdigit():
+        return  # "auto", or a Ray Client address: ray.init's to reach
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise ConfigError(f"cannot reach the Ray cluster at {ray_address}: {error}") from None
 
 
 def start_ray(address: str | None) -> None:
     """Started off the main thread on purpose: on it, ray.init installs a SIGTERM handler that
     exits at once, racing ours (which stops the server cleanly). Ray notes that;
     `configure_ray` drops the note."""
+    if address:
+        _check_reachable(address)
     configure_ray()
     if not sys.stdout.isatty():  # the actors' log lines, printed here, go to a file: no colours
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")

@@ -49,6 +49,21 @@ def test_bad_configuration_stops_the_start_with_one_line() -> None:
     assert "Traceback" not in err
 
 
+def test_an_unreachable_ray_cluster_stops_the_start_with_one_line(database_dsn: str) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    process = flashsale("serve", env={**os.environ, "FLASHSALE_DATABASE_URL": database_dsn,
+                                      "RAY_ADDRESS": address})
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # still trying to reach it
+            process.kill()
+            process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert err.strip().startswith(f"flashsale: cannot reach the Ray cluster at {address}: ")
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize(("settings", "error"), [
     ({"FLASHSALE_ADMIN_EMAIL": "ops@example.com"},
      "set both FLASHSALE_ADMIN_EMAIL and FLASHSALE_ADMIN_PASSWORD, or neither"),
