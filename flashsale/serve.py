@@ -186,6 +186,7 @@ async def _serve_other_front_end(settings: Settings, dsn: str, ray_address: str)
     # Ctrl-C reaches the whole process group; the server stops its front ends itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = _stop_on_signals(signal.SIGTERM)
+    _stop_once_orphaned(stop)
     await asyncio.to_thread(start_ray, ray_address)
     try:
         engine, runner = await _start_front_end(settings, dsn, shared_limits=True,
@@ -199,6 +200,22 @@ async def _serve_other_front_end(settings: Settings, dsn: str, ray_address: str)
             await engine.stop()
     finally:
         ray.shutdown()
+
+
+def _stop_once_orphaned(stop: asyncio.Event) -> None:
+    """A front end whose server died without stopping it (`kill -9`, the OOM killer) would go on
+    holding the port, answering 503 without Ray, and keep the next server from listening. The
+    server's end of the pipe it spawned this process through closes when the server dies."""
+    server = multiprocessing.parent_process()
+    assert server is not None and server.sentinel is not None
+    loop = asyncio.get_running_loop()
+
+    def orphaned() -> None:
+        loop.remove_reader(server.sentinel)
+        print(f"flashsale: front end {os.getpid()}: its server is gone; stopping", flush=True)
+        stop.set()
+
+    loop.add_reader(server.sentinel, orphaned)
 
 
 class OtherFrontEnds:

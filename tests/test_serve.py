@@ -1,6 +1,7 @@
 """`flashsale serve` as a user runs it: embedded PostgreSQL, its own Ray, a restart after
 `kill -9`."""
 
+import contextlib
 import os
 import signal
 import time
@@ -97,6 +98,26 @@ def test_workers_share_the_port_and_the_rate_limits_and_one_killed_is_replaced(
         log = server.stop()
     assert "stopped" in log
     assert not psutil.pid_exists(replacement)
+
+
+@pytest.mark.timeout(240)
+def test_front_ends_stop_once_their_server_is_killed_and_leave_the_port_free(
+        tmp_path: Path) -> None:
+    port = free_port()
+    server = Server(tmp_path, port, "--workers", "2")
+    other = int(server.wait_for(r"front end (\d+) ready")[1])
+    server.process.kill()
+    try:
+        rest, _ = server.process.communicate(timeout=60)  # the front end shares its output
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(other).wait(timeout=30)  # its output is closed; it is exiting
+    finally:
+        if psutil.pid_exists(other):  # left behind: not to be left to the next tests
+            psutil.Process(other).kill()
+    assert f"front end {other}: its server is gone; stopping" in rest
+
+    server = Server(tmp_path, port)  # would fail to listen beside a front end left behind
+    assert "stopped" in server.stop()
 
 
 @pytest.mark.timeout(240)
