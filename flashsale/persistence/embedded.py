@@ -81,7 +81,7 @@ def _closed_parents(*paths: Path) -> list[Path]:
 
 
 class StartFailed(Exception):
-    """The server did not start; the message says why, from its log."""
+    """The server did not start; the message says why (from its log, where it wrote one)."""
 
 
 class EmbeddedPostgres:
