@@ -46,7 +46,7 @@ def _check_reachable(ray_address: str) -> None:
     cluster's GCS address (host:port) is tried first, so a wrong RAY_ADDRESS is one line."""
     host, _, port = ray_address.rpartition(":")
     if "://" in ray_address or not port.isdigit():
-        return  # "auto", or a Ray Client address: ray.init's to reach
+        return  # "auto", or a Ray Client address: left to ray.init
     try:
         socket.create_connection((host.strip("[]"), int(port)), RAY_CONNECT_TIMEOUT_S).close()
     except OSError as error:
