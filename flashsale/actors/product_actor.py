@@ -141,7 +141,8 @@ class ProductActor:
         # Said once when commits start failing (a full disk, a database refusing), not at every
         # batch that fails on it, and once when they go through again.
         self._commit_outage = Outage(log, f"product {product_id}: writing its log",
-                               "its calls answer 503 while it recovers", _RETRIED_IN_RECOVERY)
+                                     "its calls answer 503 while it recovers",
+                                     _RETRIED_IN_RECOVERY)
         outage = Outage(log, f"product {product_id}: housekeeping", "due chores wait",
                         (ProductUnavailable,))
         self._timer = loop.create_task(repeat(self._keep_house, HOUSEKEEPING_INTERVAL_S, outage))

@@ -34,12 +34,15 @@ class Database:
             self.embedded.close()
 
 
-# Set where the server has them: idle_session_timeout came with PostgreSQL 14.
+# One statement, set where the server has the setting (idle_session_timeout came with
+# PostgreSQL 14); synchronous_commit only where it is off, so stronger settings stay.
 _SESSION_SETTINGS = """
 SELECT set_config(name, value, false)
-FROM (VALUES ('default_transaction_isolation', 'read committed'),
+FROM (VALUES ('synchronous_commit', 'on'),
+             ('default_transaction_isolation', 'read committed'),
              ('idle_session_timeout', '0')) AS wanted(name, value)
-WHERE name IN (SELECT name FROM pg_settings)"""
+WHERE name IN (SELECT name FROM pg_settings)
+  AND (name <> 'synchronous_commit' OR current_setting(name) = 'off')"""
 
 
 async def configure_session(conn: asyncpg.Connection) -> None:
@@ -55,8 +58,6 @@ async def configure_session(conn: asyncpg.Connection) -> None:
     - Its sessions are kept on purpose, idle or not: an actor's WAL connection waits for the
       product's next order. A server that ends idle sessions would fail that order's commit.
     """
-    if await conn.fetchval("SHOW synchronous_commit") == "off":
-        await conn.execute("SET synchronous_commit = on")
     await conn.execute(_SESSION_SETTINGS)
 
 
