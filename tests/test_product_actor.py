@@ -418,6 +418,9 @@ async def test_a_new_incarnation_rebuilds_only_once_the_older_writer_is_gone(
     try:
         with pytest.raises(ProductUnavailable, match="recovering"):
             await actor.counts.remote()
+        assert (f"product {product_id}: waiting for the session of its earlier writer to end "
+                f"(backend {older.get_server_pid()} from this host;"
+                in _actor_log(await actor.pid.remote()))
         async with older.transaction():  # the older writer's last commit, then its session ends
             await older.execute("INSERT INTO wal (product_id, first_seq, last_seq, record) "
                                 "VALUES ($1, 1, 2, $2)", product_id,

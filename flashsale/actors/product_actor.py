@@ -49,6 +49,13 @@ GIL_SWITCH_INTERVAL_S = 0.000_5  # Python's default is 5 ms
 # that gave up would leave the product refusing every call while its process lives.
 _RETRIED_IN_RECOVERY = (*DATABASE_DOWN, asyncpg.PostgresError)
 
+# The session holding a writer lock: PostgreSQL shows a bigint key as two 32-bit halves.
+_WRITER_SESSION = """
+SELECT pid, client_addr FROM pg_locks JOIN pg_stat_activity USING (pid)
+WHERE locktype = 'advisory' AND granted AND objsubid = 1
+  AND pg_locks.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid = (($1::int8 >> 32) & 4294967295)::oid AND objid = ($1::int8 & 4294967295)::oid"""
+
 _commands_encoder = msgspec.msgpack.Encoder()
 _commands_decoder = msgspec.msgpack.Decoder(list[Command])
 _decided_encoder = msgspec.msgpack.Encoder()
@@ -266,9 +273,7 @@ class ProductActor:
             try:
                 conn = await asyncpg.connect(self._config.dsn, timeout=CONNECT_TIMEOUT_S)
                 await configure_session(conn)
-                # Waits for an older incarnation's session to end: one writer ever appends.
-                await conn.execute("SELECT pg_advisory_lock($1)",
-                                   writer_lock_key(self._product_id))
+                await self._take_writer_lock(conn)
                 rebuilt = await rebuild(conn, self._product_id)
                 if rebuilt.corruption is None and rebuilt.state.last_seq:  # see `Catalogue`
                     await keep_counts(conn, self._product_id, counts_of(rebuilt.state))
@@ -286,6 +291,21 @@ class ProductActor:
                       "(`flashsale replay` shows where)", rebuilt.corruption)
             raise ProductUnavailable(str(rebuilt.corruption))
         return conn, rebuilt
+
+    async def _take_writer_lock(self, conn: asyncpg.Connection) -> None:
+        """Waits for an older incarnation's session to end: one writer ever appends. Its session
+        outlives it where its machine died, until the server finds the client gone (see
+        `configure_session`), so the wait is said, with the session to end by hand."""
+        key = writer_lock_key(self._product_id)
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            return
+        holder = await conn.fetchrow(_WRITER_SESSION, key)
+        if holder is not None:
+            log.warning("product %s: waiting for the session of its earlier writer to end "
+                        "(backend %s from %s; SELECT pg_terminate_backend(%s) ends it now)",
+                        self._product_id, holder["pid"], holder["client_addr"] or "this host",
+                        holder["pid"])
+        await conn.execute("SELECT pg_advisory_lock($1)", key)
 
     def _retirable(self) -> bool:
         """An ended sale's actor holds a process (about 45 MB) for nothing once no hold is
