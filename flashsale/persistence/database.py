@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import socket
 
 import asyncpg
 
@@ -34,13 +35,26 @@ class Database:
             self.embedded.close()
 
 
+# A peer that vanished (its machine died, or the network between) is found out within about
+# 10 s on both ends of a session, not after the system's TCP defaults: hours while the
+# connection is idle, a quarter of an hour while data waits for an acknowledgement.
+KEEPALIVE_IDLE_S = 5
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_PROBES = 3
+UNACKNOWLEDGED_MAX_S = 10
+
 # One statement, set where the server has the setting (idle_session_timeout came with
-# PostgreSQL 14); synchronous_commit only where it is off, so stronger settings stay.
-_SESSION_SETTINGS = """
+# PostgreSQL 14, tcp_user_timeout with 12); synchronous_commit only where it is off, so stronger
+# settings stay. The server applies the tcp_ ones to TCP sessions only.
+_SESSION_SETTINGS = f"""
 SELECT set_config(name, value, false)
 FROM (VALUES ('synchronous_commit', 'on'),
              ('default_transaction_isolation', 'read committed'),
-             ('idle_session_timeout', '0')) AS wanted(name, value)
+             ('idle_session_timeout', '0'),
+             ('tcp_keepalives_idle', '{KEEPALIVE_IDLE_S}s'),
+             ('tcp_keepalives_interval', '{KEEPALIVE_INTERVAL_S}s'),
+             ('tcp_keepalives_count', '{KEEPALIVE_PROBES}'),
+             ('tcp_user_timeout', '{UNACKNOWLEDGED_MAX_S}s')) AS wanted(name, value)
 WHERE name IN (SELECT name FROM pg_settings)
   AND (name <> 'synchronous_commit' OR current_setting(name) = 'off')"""
 
@@ -57,8 +71,26 @@ async def configure_session(conn: asyncpg.Connection) -> None:
       the second of two claims at once fails with a serialization error instead.
     - Its sessions are kept on purpose, idle or not: an actor's WAL connection waits for the
       product's next order. A server that ends idle sessions would fail that order's commit.
+    - Either end finds the other gone within seconds. The server ends the session of an actor
+      whose machine died, which holds its product's writer lock: the product's next actor
+      waits for that lock before it serves. An actor whose server vanished in the middle of a
+      commit fails it and recovers, which reaches a server that took over.
     """
     await conn.execute(_SESSION_SETTINGS)
+    _find_a_vanished_server(conn)
+
+
+def _find_a_vanished_server(conn: asyncpg.Connection) -> None:
+    """asyncpg sets no keepalive of its own; its transport's socket is the way in that its
+    maintainers point to (asyncpg issue #606)."""
+    sock = conn._transport.get_extra_info("socket")  # noqa: SLF001 - see above
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, UNACKNOWLEDGED_MAX_S * 1000)
 
 
 async def warn_of_unsafe_settings(conn: asyncpg.Connection) -> None:
