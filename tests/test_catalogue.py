@@ -36,7 +36,7 @@ async def test_counts_come_back_after_a_postgres_restart_and_the_outage_is_logge
         conn = await asyncpg.connect(server.dsn())
         await migrate(conn)
         await conn.close()
-        db = await create_pool(server.dsn(), min_size=1, max_size=2)
+        db = await create_pool(server.dsn(), init_size=1, max_size=2)
         now = dt.datetime.now(dt.UTC)
         row = await insert_product(db, "sale", 100, "INR", 10, now, now + dt.timedelta(hours=1), 5)
         catalogue = Catalogue(db, router)
@@ -89,7 +89,7 @@ async def test_a_refresh_that_fails_for_an_unknown_reason_does_not_end_the_refre
     ray_session: None, database_dsn: str, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    db = await create_pool(database_dsn, min_size=1, max_size=2)
+    db = await create_pool(database_dsn, init_size=1, max_size=2)
     router = ProductRouter(ActorConfig(database_dsn))
     now = dt.datetime.now(dt.UTC)
     row = await insert_product(db, "sale", 100, "INR", 10, now, now + dt.timedelta(hours=1), 5)

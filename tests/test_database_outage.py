@@ -86,10 +86,10 @@ async def test_connections_dropped_under_load_are_answered_503_never_500(
 
 
 @pytest.mark.parametrize("task", ["payment worker", "deactivated users refresh"])
-async def test_background_work_logs_an_outage_once_and_its_end(
+async def test_background_work_logs_an_outage_once_and_its_end_and_the_pool_is_quiet(
     own_database: EmbeddedPostgres, caplog: pytest.LogCaptureFixture, task: str
 ) -> None:
-    db = await create_pool(own_database.dsn(), min_size=1, max_size=2)
+    db = await create_pool(own_database.dsn(), init_size=1, max_size=2)
     worker: PaymentWorker | DeactivatedUsers
     if task == "payment worker":
         worker = PaymentWorker(db, SandboxGateway("secret", "http://127.0.0.1:9/webhooks/sandbox"),
@@ -99,7 +99,7 @@ async def test_background_work_logs_an_outage_once_and_its_end(
         worker = DeactivatedUsers(db, refresh_s=0.05)
         await worker.start()
     logger = type(worker).__module__
-    caplog.set_level(logging.WARNING, logger=logger)
+    caplog.set_level(logging.WARNING)
 
     def logged() -> list[str]:
         return [r.getMessage().split(",")[0] for r in caplog.records if r.name == logger]
@@ -120,3 +120,4 @@ async def test_background_work_logs_an_outage_once_and_its_end(
         await worker.stop()
         await db.close()
     assert logged() == [f"{task} failed", f"{task} works again"]
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("asyncpg")] == []

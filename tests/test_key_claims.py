@@ -18,7 +18,7 @@ async def test_batches_claiming_shared_keys_in_opposite_orders_split_them_cleanl
     deadlock (which would fail a whole batch), and every key goes to exactly one product,
     whatever isolation the database's sessions default to."""
     await set_database_default(database_dsn, "default_transaction_isolation", database_isolation)
-    db = await create_pool(database_dsn, min_size=2, max_size=2)
+    db = await create_pool(database_dsn, init_size=2, max_size=2)
     try:
         for _ in range(10):
             users = [str(uuid.uuid4()) for _ in range(300)]

@@ -54,7 +54,7 @@ async def test_the_engines_commits_wait_for_the_disk_whatever_the_database_says(
     database_dsn: str, database_setting: str, engine_setting: str
 ) -> None:
     await set_database_default(database_dsn, "synchronous_commit", database_setting)
-    pool = await create_pool(database_dsn, min_size=1, max_size=1)
+    pool = await create_pool(database_dsn, init_size=1, max_size=1)
     try:
         assert await pool.fetchval("SHOW synchronous_commit") == engine_setting
     finally:

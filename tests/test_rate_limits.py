@@ -29,7 +29,7 @@ async def counts(request: pytest.FixtureRequest, database_dsn: str) -> AsyncIter
     if request.param == "local":
         yield LocalCounts()
         return
-    db = await create_pool(database_dsn, min_size=1, max_size=2)
+    db = await create_pool(database_dsn, init_size=1, max_size=2)
     yield SharedCounts(db)
     await db.close()
 
@@ -93,7 +93,7 @@ async def test_concurrent_requests_each_get_a_count_of_their_own(counts: Counts)
 async def test_shared_counts_cost_a_statement_per_round_trip_not_per_request(
     database_dsn: str,
 ) -> None:
-    pools = [await create_pool(database_dsn, min_size=1, max_size=2) for _ in range(2)]
+    pools = [await create_pool(database_dsn, init_size=1, max_size=2) for _ in range(2)]
     statements = 0
 
     class CountedPool:
@@ -120,7 +120,7 @@ async def test_shared_counts_cost_a_statement_per_round_trip_not_per_request(
 async def test_requests_past_the_bound_of_those_waiting_for_a_shared_count_are_503(
     database_dsn: str,
 ) -> None:
-    db = await create_pool(database_dsn, min_size=1, max_size=2)
+    db = await create_pool(database_dsn, init_size=1, max_size=2)
     release = asyncio.Event()
 
     class SlowPool:  # the database answers once released

@@ -110,7 +110,7 @@ async def get_product(request: web.Request) -> web.Response:
 
 
 async def create_app(dsn: str, jwt_secret: str) -> web.Application:
-    db = await create_pool(dsn, min_size=POOL_SIZE, max_size=POOL_SIZE)
+    db = await create_pool(dsn, init_size=POOL_SIZE, max_size=POOL_SIZE)
     async with db.acquire() as conn:
         await conn.execute(schema())
     app = web.Application(middlewares=[problem_middleware])

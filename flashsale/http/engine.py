@@ -132,7 +132,7 @@ async def start_engine(dsn: str, actor_config: ActorConfig, jwt_secret: str, bcr
                        rate_limits: dict[str, Limit] | None, *, shared_limits: bool = False,
                        upkeep: bool = True,
                        deactivated_refresh_s: float = DEACTIVATED_REFRESH_S) -> Engine:
-    db = await create_pool(dsn, min_size=1, max_size=POOL_SIZE_MAX)
+    db = await create_pool(dsn, init_size=1, max_size=POOL_SIZE_MAX)
     engine = Engine(db, actor_config, jwt_secret, bcrypt_rounds, base_url, payments,
                     rate_limits, shared_limits=shared_limits, upkeep=upkeep,
                     deactivated_refresh_s=deactivated_refresh_s)

@@ -109,8 +109,11 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     left open. asyncpg's default reset is a query, a round trip on every release."""
 
 
-async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
-    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
+async def create_pool(dsn: str, init_size: int, max_size: int) -> asyncpg.Pool:
+    """`init_size` connections are opened at once, and later ones as they are needed. A pool
+    with a floor restores it in the background and, through a database outage, logs a
+    traceback at every failed try (5 in 20 s); the engine's own tasks say it once."""
+    return await asyncpg.create_pool(dsn, init_size=init_size, min_size=0, max_size=max_size,
                                      init=configure_session, reset=_keep_session)
 
 
