@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 from helpers import free_port, set_database_default
 
@@ -146,6 +147,30 @@ async def test_a_read_only_database_stops_the_start_with_one_line(
     assert process.returncode == 2
     assert err.strip() == ("flashsale: cannot set up the database: cannot execute CREATE TABLE "
                            "in a read-only transaction")
+
+
+@pytest.mark.parametrize("command", ["serve", "replay"])
+async def test_a_database_that_cannot_hold_every_language_stops_the_start_with_one_line(
+    command: str, embedded_pg: EmbeddedPostgres,
+) -> None:
+    """In a LATIN1 database a shopper named in Hindi would be a 500, at the first such name."""
+    name = f"latin1_{command}"
+    admin = await asyncpg.connect(embedded_pg.dsn())
+    try:
+        await admin.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' "
+                            "LC_CTYPE 'C' TEMPLATE template0")
+        process = flashsale(command, env={**os.environ,
+                                          "FLASHSALE_DATABASE_URL": embedded_pg.dsn(name)})
+        try:
+            out, err = await asyncio.to_thread(process.communicate, timeout=60)
+        finally:
+            process.kill()  # a server that started after all
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+    assert process.returncode == 2
+    assert err.strip() == ("flashsale: the database's encoding is LATIN1: the engine keeps "
+                           "names in every language and needs a UTF8 database")
 
 
 def test_replay_of_a_data_dir_without_a_database_says_so_and_creates_none(

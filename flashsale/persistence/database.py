@@ -147,11 +147,22 @@ async def open_database(settings: Settings) -> Database:
         database = Database(embedded.dsn(EMBEDDED_DATABASE), embedded)
     conn = await connect(database.dsn)
     try:
-        await migrate(conn)
-        await warn_of_unsafe_settings(conn)
-    except asyncpg.PostgresError as error:  # a read-only database, or no right to create tables
+        await _set_up(conn)
+    except ConfigError:
         database.close()
-        raise ConfigError(f"cannot set up the database: {error}") from None
+        raise
     finally:
         await conn.close()
     return database
+
+
+async def _set_up(conn: asyncpg.Connection) -> None:
+    encoding = await conn.fetchval("SHOW server_encoding")
+    if encoding != "UTF8":  # names in other scripts would fail to store, as 500s
+        raise ConfigError(f"the database's encoding is {encoding}: the engine keeps names in "
+                          "every language and needs a UTF8 database")
+    try:
+        await migrate(conn)
+    except asyncpg.PostgresError as error:  # a read-only database, or no right to create tables
+        raise ConfigError(f"cannot set up the database: {error}") from None
+    await warn_of_unsafe_settings(conn)
