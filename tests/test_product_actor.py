@@ -402,12 +402,19 @@ async def test_a_damaged_snapshot_is_passed_over_for_the_whole_wal(
     assert f"snapshot at seq {intact.snapshot_seq} unusable" in caplog.text
 
 
+@pytest.mark.parametrize("query_timeouts", [False, True],
+                         ids=["no timeouts", "the database's query timeouts"])
 async def test_a_new_incarnation_rebuilds_only_once_the_older_writer_is_gone(
-    ray_session: None, database_dsn: str
+    ray_session: None, database_dsn: str, query_timeouts: bool
 ) -> None:
     """Ray may start a product's actor again while the old process still holds its database
     session (a node cut off, say). The writer lock holds the new one back until that session
-    ends, so it neither misses nor reuses the sequence numbers of the old one's last commit."""
+    ends, so it neither misses nor reuses the sequence numbers of the old one's last commit.
+    The wait is said once, also where the database cuts statements and lock waits short by
+    default: the writer's are not queries to cut."""
+    if query_timeouts:
+        await set_database_default(database_dsn, "lock_timeout", "50ms")
+        await set_database_default(database_dsn, "statement_timeout", "100ms")
     product_id = str(uuid.uuid4())
     now = now_ms()
     terms = ProductTerms(product_id, 1_000, "INR", now - 1_000, now + 3_600_000, 1)
@@ -418,9 +425,11 @@ async def test_a_new_incarnation_rebuilds_only_once_the_older_writer_is_gone(
     try:
         with pytest.raises(ProductUnavailable, match="recovering"):
             await actor.counts.remote()
-        assert (f"product {product_id}: waiting for the session of its earlier writer to end "
-                f"(backend {older.get_server_pid()} from this host;"
-                in _actor_log(await actor.pid.remote()))
+        await asyncio.sleep(0.5)  # ten of the database's lock timeouts
+        said = _actor_log(await actor.pid.remote())
+        assert said.count(f"product {product_id}: waiting for the session of its earlier "
+                          f"writer to end (backend {older.get_server_pid()} from this host;") == 1
+        assert "recovery failed" not in said
         async with older.transaction():  # the older writer's last commit, then its session ends
             await older.execute("INSERT INTO wal (product_id, first_seq, last_seq, record) "
                                 "VALUES ($1, 1, 2, $2)", product_id,
