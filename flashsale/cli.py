@@ -7,11 +7,17 @@ import os
 import sys
 import uuid
 
+import asyncpg
 import msgspec
 import uvloop
 
 from flashsale.config import ConfigError, Settings, load_settings
-from flashsale.persistence.database import connect, open_database
+from flashsale.persistence.database import (
+    DATABASE_DOWN,
+    NO_QUERY_TIMEOUTS,
+    connect,
+    open_database,
+)
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.replay import ProductReport, logged_products, report
 
@@ -87,12 +93,15 @@ async def _replay_async(settings: Settings, product: str | None, verify: bool,
     try:
         conn = await connect(database.dsn)
         try:
+            await conn.execute(NO_QUERY_TIMEOUTS)
             products = [product] if product else await logged_products(conn)
             reports = []
             for number, product_id in enumerate(products, 1):
                 if len(products) > 1 and not as_json:
                     print(f"replaying {number}/{len(products)}", end="\r", file=sys.stderr)
                 reports.append(await report(conn, product_id, verify=verify))
+        except (*DATABASE_DOWN, asyncpg.PostgresError) as error:
+            raise ConfigError(f"replay stopped, the database failed: {error}") from None
         finally:
             await conn.close()
     finally:

@@ -349,6 +349,42 @@ async def test_a_damaged_record_stops_replay_there(
     assert f"product {product_id}: WAL corrupt at seq {damaged_seq}" in checked.stderr
 
 
+async def test_replay_waits_out_a_lock_and_a_lost_session_stops_it_with_one_line(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    """Replay reads whole states: a database's default lock_timeout, meant for queries, must not
+    cut it short; and a session lost mid-way (the database restarted, say) is one line."""
+    _, actor = await products(stock=10)
+    assert isinstance((await send(actor, [place()]))[0], OrderRecord)
+    await set_database_default(database_dsn, "lock_timeout", "100ms")
+    holder = await asyncpg.connect(database_dsn)
+    try:
+        for lost in (True, False):
+            async with holder.transaction():
+                await holder.execute("LOCK TABLE wal IN ACCESS EXCLUSIVE MODE")
+                replay = asyncio.create_task(asyncio.to_thread(replay_cli, database_dsn))
+                deadline = time.monotonic() + 30
+                while not (waiting := await holder.fetchval(
+                        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database()")):
+                    assert time.monotonic() < deadline and not replay.done()
+                    await asyncio.sleep(0.05)
+                    # Else the transaction would go on seeing the sessions as they first were.
+                    await holder.execute("SELECT pg_stat_clear_snapshot()")
+                await asyncio.sleep(0.3)  # three of the database's lock timeouts
+                if lost:
+                    await holder.execute("SELECT pg_terminate_backend($1)", waiting)
+                    checked = await replay
+            if not lost:
+                checked = await replay
+            assert (checked.returncode, checked.stderr.strip()) == (
+                (2, "flashsale: replay stopped, the database failed: connection was closed in "
+                    "the middle of operation: terminating connection due to administrator "
+                    "command") if lost else (0, "")), checked.stderr
+    finally:
+        await holder.close()
+
+
 @pytest.mark.damages_wal
 async def test_an_actor_refuses_to_serve_from_a_corrupt_log(
     products: ProductFactory, database_dsn: str

@@ -27,7 +27,11 @@ from flashsale.actors.messages import (
     ProductCounts,
 )
 from flashsale.actors.product import Policy, ProductState, Reply, execute
-from flashsale.persistence.database import DATABASE_DOWN, configure_session
+from flashsale.persistence.database import (
+    DATABASE_DOWN,
+    NO_QUERY_TIMEOUTS,
+    configure_session,
+)
 from flashsale.persistence.replay import Rebuilt, encode_state, rebuild
 from flashsale.persistence.wal import (
     QUEUE_DEPTH_MAX,
@@ -49,9 +53,6 @@ GIL_SWITCH_INTERVAL_S = 0.000_5  # Python's default is 5 ms
 # that gave up would leave the product refusing every call while its process lives.
 _RETRIED_IN_RECOVERY = (*DATABASE_DOWN, asyncpg.PostgresError)
 
-# A database's default timeouts are meant for queries. They would cut short the writer's wait
-# for its lock and a recovery that reads a whole state, at every try, and fail a large commit.
-_NO_QUERY_TIMEOUTS = "SET statement_timeout = 0; SET lock_timeout = 0"
 # The session holding a writer lock: PostgreSQL shows a bigint key as two 32-bit halves.
 _WRITER_SESSION = """
 SELECT pid, client_addr FROM pg_locks JOIN pg_stat_activity USING (pid)
@@ -276,7 +277,7 @@ class ProductActor:
             try:
                 conn = await asyncpg.connect(self._config.dsn, timeout=CONNECT_TIMEOUT_S)
                 await configure_session(conn)
-                await conn.execute(_NO_QUERY_TIMEOUTS)
+                await conn.execute(NO_QUERY_TIMEOUTS)
                 await self._take_writer_lock(conn)
                 rebuilt = await rebuild(conn, self._product_id)
                 if rebuilt.corruption is None and rebuilt.state.last_seq:  # see `Catalogue`

@@ -43,6 +43,11 @@ KEEPALIVE_INTERVAL_S = 2
 KEEPALIVE_PROBES = 3
 UNACKNOWLEDGED_MAX_S = 10
 
+# For the sessions that read or write a product's whole state: a product's writer, and replay.
+# A database's default timeouts are meant for queries. They would cut short the writer's wait
+# for its lock and a recovery of a large state, at every try, and fail a large commit.
+NO_QUERY_TIMEOUTS = "SET statement_timeout = 0; SET lock_timeout = 0"
+
 # One statement, set where the server has the setting (idle_session_timeout came with
 # PostgreSQL 14, tcp_user_timeout with 12); synchronous_commit only where it is off, so stronger
 # settings stay. The server applies the tcp_ ones to TCP sessions only.
