@@ -6,9 +6,10 @@ import logging
 import time
 from collections import Counter
 
+import asyncpg
 import pytest
 from conftest import ApiFactory
-from helpers import drop_sessions
+from helpers import drop_sessions, set_database_default
 
 from flashsale.config import DEFAULT_LIMITS
 from flashsale.http.auth import DeactivatedUsers
@@ -83,6 +84,33 @@ async def test_connections_dropped_under_load_are_answered_503_never_500(
         await asyncio.gather(*shoppers)
     assert {status for _, status in answers} <= {200, 201, 409, 503}, answers
     assert answers["GET /orders", 200] and answers["POST /orders", 201], answers
+
+
+async def test_a_lock_the_database_will_not_wait_for_is_503_never_500(
+    make_api: ApiFactory, database_dsn: str
+) -> None:
+    """A database may cut lock waits short by default (lock_timeout). A request that meets a
+    lock held longer, by an operator's migration or a long report, is told to retry."""
+    await set_database_default(database_dsn, "lock_timeout", "20ms")
+    api = await make_api()
+    product_id = await api.sale(stock=5)
+    email, token = await api.register()
+    holder = await asyncpg.connect(database_dsn)
+    try:
+        for table, method, path, body in [
+            ("users", "GET", "/auth/me", None),
+            ("key_claims", "POST", "/orders", {"product_id": product_id,
+                                               "quantity": 1}),
+        ]:
+            async with holder.transaction():
+                await holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                status, answer, headers = await api.call(method, path, token, body,
+                                                         {"X-Idempotency-Key": "locked-out"})
+            assert (status, answer["code"], headers["Retry-After"]) == (503, "unavailable", "1")
+    finally:
+        await holder.close()
+    status, me, _ = await api.call("GET", "/auth/me", token)
+    assert (status, me["email"]) == (200, email)
 
 
 @pytest.mark.parametrize("task", ["payment worker", "deactivated users refresh"])

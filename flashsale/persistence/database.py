@@ -15,12 +15,15 @@ log = logging.getLogger(__name__)
 EMBEDDED_DATABASE = "flashsale"
 CONNECT_TIMEOUT_S = 10.0
 
-# The database cannot be reached or cannot serve now (down, restarting, out of connections): the
-# caller should retry. Other database errors are bugs. asyncpg raises InternalClientError on a
-# pooled connection whose session the server ended while it was idle (asyncpg issue #1069).
+# The database cannot be reached or cannot serve this now (down, restarting, out of connections,
+# a lock it would not wait for, a deadlock): the caller should retry. Other database errors are
+# bugs. asyncpg raises InternalClientError on a pooled connection whose session the server ended
+# while it was idle (asyncpg issue #1069).
 DATABASE_DOWN = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
                  asyncpg.exceptions.OperatorInterventionError,
-                 asyncpg.exceptions.InsufficientResourcesError, asyncpg.InternalClientError)
+                 asyncpg.exceptions.InsufficientResourcesError, asyncpg.InternalClientError,
+                 asyncpg.exceptions.LockNotAvailableError,
+                 asyncpg.exceptions.TransactionRollbackError)
 
 
 class Database:
