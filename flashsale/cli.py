@@ -51,8 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     from flashsale.serve import serve
 
-    uvloop.run(serve(settings, args.demo))
-    return 0
+    return uvloop.run(serve(settings, args.demo))
 
 
 def _replay_parser(commands: argparse._SubParsersAction) -> None:

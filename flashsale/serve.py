@@ -19,7 +19,7 @@ from flashsale.actors.product import Policy
 from flashsale.actors.product_actor import ActorConfig
 from flashsale.actors.registry import NAMESPACE, configure_ray
 from flashsale.config import ConfigError, Settings, stored_secret
-from flashsale.http.app import create_app
+from flashsale.http.app import create_app, own_ray_node_alive
 from flashsale.http.auth import password_problem
 from flashsale.http.engine import Engine, start_engine
 from flashsale.payments.provider import PaymentProvider
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEMO_ADMIN_EMAIL = "admin@flashsale.example"
 DATABASE_WATCH_S = 1.0
+RAY_WATCH_S = 2.0
 FRONT_END_WATCH_S = 1.0  # also the pace at which a front end that keeps failing is restarted
 FRONT_END_STOP_S = 10.0
 RAY_CONNECT_TIMEOUT_S = 5.0
@@ -267,13 +268,35 @@ def _keep_embedded_database(embedded: EmbeddedPostgres) -> "asyncio.Task[None]":
         repeat(start_again_if_dead, DATABASE_WATCH_S, outage))
 
 
-async def serve(settings: Settings, demo: bool) -> None:
+def _ray_node_alive() -> bool:
+    try:
+        return own_ray_node_alive()
+    except ray.exceptions.RayError:
+        return False
+
+
+async def _stop_once_ray_dies(stop: asyncio.Event) -> None:
+    """A Ray instance of the server's own that died (its raylet killed, or out of memory) is not
+    started again in place: every actor, and every handle to one, died with it. The server
+    stops instead, with a status on which a supervisor starts it again, and the new start
+    recovers every sale from its log. Ray marks its node dead about 20 s after the raylet."""
+    while True:
+        await asyncio.sleep(RAY_WATCH_S)
+        if not await asyncio.to_thread(_ray_node_alive):
+            break
+    print("flashsale: its Ray instance died; stopping", flush=True)
+    stop.set()
+
+
+async def serve(settings: Settings, demo: bool) -> int:
+    """Serves until SIGINT or SIGTERM (exit status 0), or until its own Ray instance dies (1)."""
     admin = _admin_from_env()
     stop = _stop_on_signals(signal.SIGINT, signal.SIGTERM)
     database = await open_database(settings)
     where = f"embedded, data in {database.embedded.pgdata}" if database.embedded else "external"
     print(f"flashsale: PostgreSQL ready ({where})", flush=True)
     watch = _keep_embedded_database(database.embedded) if database.embedded else None
+    ray_watch = None
     try:
         await asyncio.to_thread(start_ray, settings.ray_address)
         print(f"flashsale: Ray ready ({settings.ray_address or 'local instance'})", flush=True)
@@ -295,6 +318,8 @@ async def serve(settings: Settings, demo: bool) -> None:
                                         or ray.get_runtime_context().gcs_address)
             fronts = f" with {settings.workers} front ends" if settings.workers > 1 else ""
             print(f"flashsale: listening on {url}{fronts} (Ctrl-C to stop)", flush=True)
+            if settings.ray_address is None:
+                ray_watch = asyncio.get_running_loop().create_task(_stop_once_ray_dies(stop))
             await stop.wait()
         finally:
             if others is not None:
@@ -304,8 +329,11 @@ async def serve(settings: Settings, demo: bool) -> None:
     except (OSError, asyncpg.PostgresError) as error:
         raise ConfigError(f"stopped: {error}") from None
     finally:
+        ray_died = ray_watch is not None and ray_watch.done()
+        await stop_task(ray_watch)
         await stop_task(watch)
         if ray.is_initialized():
             ray.shutdown()
         database.close()
         print("flashsale: stopped", flush=True)
+    return 1 if ray_died else 0

@@ -121,9 +121,19 @@ def test_front_ends_stop_once_their_server_is_killed_and_leave_the_port_free(
 
 
 @pytest.mark.timeout(240)
-def test_health_answers_503_once_the_servers_ray_node_is_dead(tmp_path: Path) -> None:
-    server = Server(tmp_path, free_port())
+def test_a_server_whose_ray_died_answers_503_then_stops_and_a_new_start_serves_again(
+        tmp_path: Path) -> None:
+    """Its raylet killed (or out of memory), every product actor dies with it. The server says
+    so on /health, then stops with status 1 for its supervisor to start it again."""
+    port = free_port()
+    server = Server(tmp_path, port)
     try:
+        admin = server.login(**ADMIN)
+        status, sale = server.call("POST", "/products", {
+            "name": "Ray-proof sale", "price": 1000, "stock": 3,
+            "sale_starts_at": "2026-01-01T00:00:00Z", "sale_ends_at": "2099-01-01T00:00:00Z"},
+            admin)
+        assert status == 201, sale
         assert server.call("GET", "/health") == (200, {"status": "ok"})
         descendants = psutil.Process(server.process.pid).children(recursive=True)
         next(p for p in descendants if p.name() == "raylet").kill()
@@ -132,10 +142,22 @@ def test_health_answers_503_once_the_servers_ray_node_is_dead(tmp_path: Path) ->
             assert time.monotonic() < deadline, "/health still answers 200 without a Ray node"
             time.sleep(1)
         assert status == 503
+        server.wait_for("its Ray instance died; stopping")
+        rest, _ = server.process.communicate(timeout=90)
+        assert (server.process.returncode, rest.splitlines()[-1]) == (1, "flashsale: stopped")
     finally:
-        server.process.kill()
-        server.process.communicate(timeout=60)
-        EmbeddedPostgres(tmp_path).start().close()  # the killed server's database stops too
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.communicate(timeout=60)
+            EmbeddedPostgres(tmp_path).start().close()  # the killed server's database too
+
+    server = Server(tmp_path, port)
+    try:
+        status, placed = server.call("POST", "/orders", {"product_id": sale["id"], "quantity": 1},
+                                     server.login(**ADMIN), {"X-Idempotency-Key": "after"})
+        assert (status, placed["status"]) == (201, "pending"), placed
+    finally:
+        assert "stopped" in server.stop()
 
 
 @pytest.mark.timeout(240)

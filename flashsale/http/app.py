@@ -37,7 +37,7 @@ class _MalformedRequestsInOneLine(logging.Filter):
 _MALFORMED_REQUESTS = _MalformedRequestsInOneLine()
 
 
-def _own_ray_node_alive() -> bool:
+def own_ray_node_alive() -> bool:
     """Ray's control store marks a node dead about 20 s after its raylet dies. Until this
     process's node is back, running actors may still answer, but no sale can start an actor."""
     node_id = ray.get_runtime_context().get_node_id()
@@ -49,7 +49,7 @@ async def health(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_S):
             await request.app[ENGINE].db.fetchval("SELECT 1")
-            if not await asyncio.to_thread(_own_ray_node_alive):
+            if not await asyncio.to_thread(own_ray_node_alive):
                 return problem("unavailable", "not ready: this front end's Ray node is dead")
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
             ray.exceptions.RayError) as error:
