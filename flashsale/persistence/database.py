@@ -95,10 +95,12 @@ def _find_a_vanished_server(conn: asyncpg.Connection) -> None:
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, UNACKNOWLEDGED_MAX_S * 1000)
+    for option, value in [("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+                          ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                          ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+                          ("TCP_USER_TIMEOUT", UNACKNOWLEDGED_MAX_S * 1000)]:
+        if hasattr(socket, option):  # TCP_USER_TIMEOUT is Linux's alone
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 async def warn_of_unsafe_settings(conn: asyncpg.Connection) -> None:
