@@ -2,6 +2,7 @@
 
 import asyncio
 import datetime as dt
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -9,6 +10,8 @@ import secrets
 import signal
 import socket
 import sys
+from pathlib import Path
+from typing import IO
 
 import asyncpg
 import ray
@@ -288,9 +291,34 @@ async def _stop_once_ray_dies(stop: asyncio.Event) -> None:
     stop.set()
 
 
+def _claim_data_dir(data_dir: Path) -> IO[str]:
+    """A second server on the same data dir would run a Ray instance of its own, whose actors
+    wait for the first server's to end before they serve: every order of it would be a 503. The
+    claim is held as long as the returned file stays open (the kernel drops it with the process,
+    also after kill -9)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        claim = (data_dir / "server.pid").open("a+")
+    except OSError as error:
+        raise ConfigError(f"cannot use the data dir {data_dir}: {error.strerror}") from None
+    try:
+        fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        claim.seek(0)
+        holder = claim.read().strip() or "?"
+        claim.close()
+        raise ConfigError(f"another server (pid {holder}) serves from {data_dir}: stop it, or "
+                          "give this one a --data-dir of its own") from None
+    claim.truncate(0)
+    claim.write(f"{os.getpid()}\n")
+    claim.flush()
+    return claim
+
+
 async def serve(settings: Settings, demo: bool) -> int:
     """Serves until SIGINT or SIGTERM (exit status 0), or until its own Ray instance dies (1)."""
     admin = _admin_from_env()
+    claim = _claim_data_dir(settings.data_dir)
     stop = _stop_on_signals(signal.SIGINT, signal.SIGTERM)
     database = await open_database(settings)
     where = f"embedded, data in {database.embedded.pgdata}" if database.embedded else "external"
@@ -336,4 +364,5 @@ async def serve(settings: Settings, demo: bool) -> int:
             ray.shutdown()
         database.close()
         print("flashsale: stopped", flush=True)
+        claim.close()
     return 1 if ray_died else 0

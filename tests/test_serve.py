@@ -4,6 +4,8 @@
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +60,23 @@ def test_a_server_killed_with_9_comes_back_with_users_sales_and_orders(tmp_path:
     if postmaster is not None and outlived:
         psutil.Process(postmaster.pid).terminate()
     assert not outlived, "the database outlived the server"
+
+
+@pytest.mark.timeout(240)
+def test_a_second_server_on_the_same_data_dir_is_refused_with_one_line(tmp_path: Path) -> None:
+    """Its own Ray's actors would wait for the first server's to end: every order a 503."""
+    first = Server(tmp_path, free_port())
+    try:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("FLASHSALE_DATABASE_URL", "RAY_ADDRESS")}
+        second = subprocess.run([sys.executable, "-m", "flashsale.cli", "serve", "--port",
+                                 str(free_port()), "--data-dir", str(tmp_path)],
+                                env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        assert "stopped" in first.stop()
+    assert (second.returncode, second.stderr.strip()) == (
+        2, f"flashsale: another server (pid {first.process.pid}) serves from {tmp_path}: stop "
+           "it, or give this one a --data-dir of its own")
 
 
 def _listening(server: Server, port: int) -> set[int]:
