@@ -129,8 +129,7 @@ def test_a_data_dir_the_embedded_database_cannot_be_created_in_stops_the_start_w
     for data_dir, error in [
         (tmp_path, f"the embedded PostgreSQL in {pgdata} did not start: "
                    f'initdb: error: directory "{pgdata}" exists but is not empty'),
-        (not_a_dir / "data", f"the embedded PostgreSQL cannot keep its data in "
-                             f"{not_a_dir / 'data'}: Not a directory"),
+        (not_a_dir / "data", f"cannot use the data dir {not_a_dir / 'data'}: Not a directory"),
     ]:
         process = flashsale("serve", "--data-dir", str(data_dir), env=env)
         out, err = process.communicate(timeout=60)
