@@ -307,8 +307,8 @@ def _claim_data_dir(data_dir: Path) -> IO[str]:
         claim.seek(0)
         holder = claim.read().strip() or "?"
         claim.close()
-        raise ConfigError(f"another server (pid {holder}) serves from {data_dir}: stop it, or "
-                          "give this one a --data-dir of its own") from None
+        raise ConfigError(f"another server (pid {holder}) serves from {data_dir.resolve()}: "
+                          "stop it, or give this one a --data-dir of its own") from None
     claim.truncate(0)
     claim.write(f"{os.getpid()}\n")
     claim.flush()
