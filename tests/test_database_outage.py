@@ -99,8 +99,7 @@ async def test_a_lock_the_database_will_not_wait_for_is_503_never_500(
     try:
         for table, method, path, body in [
             ("users", "GET", "/auth/me", None),
-            ("key_claims", "POST", "/orders", {"product_id": product_id,
-                                               "quantity": 1}),
+            ("key_claims", "POST", "/orders", {"product_id": product_id, "quantity": 1}),
         ]:
             async with holder.transaction():
                 await holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
