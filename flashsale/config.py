@@ -1,5 +1,6 @@
 """Settings from the environment (SPEC §3); command-line flags override them."""
 
+import ipaddress
 import os
 import re
 import secrets
@@ -53,6 +54,9 @@ def parse_limits(text: str | None) -> dict[str, Limit] | None:
     return limits
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path
     host: str = "127.0.0.1"
@@ -67,6 +71,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     workers: int = 1  # front-end processes
     rate_limits: dict[str, Limit] | None = msgspec.field(default_factory=lambda: dict(
         DEFAULT_LIMITS))
+    trusted_proxies: tuple[Network, ...] = ()
 
     @property
     def base_url(self) -> str:
@@ -94,6 +99,19 @@ def _public_url(raw: str | None) -> str | None:
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError(f"FLASHSALE_PUBLIC_URL must be an http:// or https:// URL, got {raw!r}")
     return raw.rstrip("/")
+
+
+def parse_trusted_proxies(raw: str | None) -> tuple[Network, ...]:
+    """FLASHSALE_TRUSTED_PROXIES: the addresses or networks of the proxies in front of the
+    server (a load balancer, a TLS terminator), whose X-Forwarded-For names the client."""
+    networks = []
+    for item in filter(None, (part.strip() for part in (raw or "").split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError("FLASHSALE_TRUSTED_PROXIES must list addresses or networks "
+                              f"(such as 10.0.0.0/8), got {item!r}") from None
+    return tuple(networks)
 
 
 def load_settings(env: dict[str, str] | None = None, **flags: object) -> Settings:
@@ -126,6 +144,7 @@ def load_settings(env: dict[str, str] | None = None, **flags: object) -> Setting
         "payment_provider": provider,
         "public_url": _public_url(env.get("FLASHSALE_PUBLIC_URL") or None),
         "rate_limits": parse_limits(env.get("FLASHSALE_RATE_LIMITS")),
+        "trusted_proxies": parse_trusted_proxies(env.get("FLASHSALE_TRUSTED_PROXIES")),
     }
     values.update({name: value for name, value in flags.items() if value is not None})
     data_dir = values["data_dir"] = Path(str(values["data_dir"]))

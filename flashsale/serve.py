@@ -153,7 +153,7 @@ async def _start_front_end(settings: Settings, dsn: str, *, shared_limits: bool,
                                 settings.base_url, payment_provider(settings),
                                 settings.rate_limits, shared_limits=shared_limits,
                                 upkeep=upkeep)
-    runner = web.AppRunner(create_app(engine), access_log=None)
+    runner = web.AppRunner(create_app(engine, settings.trusted_proxies), access_log=None)
     await runner.setup()
     return engine, runner
 

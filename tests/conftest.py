@@ -19,7 +19,7 @@ from flashsale.actors.messages import DefineProduct, ProductTerms
 from flashsale.actors.product import Policy
 from flashsale.actors.product_actor import ActorConfig, send
 from flashsale.actors.registry import configure_ray, product_actor
-from flashsale.config import Limit
+from flashsale.config import Limit, Network
 from flashsale.http.app import create_app
 from flashsale.http.engine import Engine, start_engine
 from flashsale.payments.provider import PaymentProvider
@@ -146,7 +146,7 @@ async def make_api(ray_session: None, database_dsn: str) -> AsyncIterator[ApiFac
     async def make(payments: Callable[[str], PaymentProvider] | None = None,
                    hold_ttl_ms: int = HOLD_TTL_MS, forget_settled_after_ms: int = 600_000,
                    rate_limits: dict[str, Limit] | None = None, shared: bool = False,
-                   dsn: str = database_dsn) -> Api:
+                   dsn: str = database_dsn, trusted_proxies: tuple[Network, ...] = ()) -> Api:
         config = ActorConfig(dsn, Policy(hold_ttl_ms=hold_ttl_ms,
                                                   cancel_window_ms=CANCEL_WINDOW_MS,
                                                   forget_settled_after_ms=forget_settled_after_ms))
@@ -158,7 +158,7 @@ async def make_api(ray_session: None, database_dsn: str) -> AsyncIterator[ApiFac
                                     base_url=base_url, payments=gateway,
                                     rate_limits=rate_limits, shared_limits=shared,
                                     deactivated_refresh_s=0.2)
-        server = TestServer(create_app(engine), host="127.0.0.1", port=port)
+        server = TestServer(create_app(engine, trusted_proxies), host="127.0.0.1", port=port)
         await server.start_server()
         session = aiohttp.ClientSession(base_url=base_url)
         running.append((server, session, engine))

@@ -75,6 +75,9 @@ def test_an_unreachable_ray_cluster_stops_the_start_with_one_line(database_dsn: 
     ({"FLASHSALE_JWT_SECRET": "x" * 31}, "FLASHSALE_JWT_SECRET must be at least 32 bytes long"),
     ({"FLASHSALE_SANDBOX_WEBHOOK_SECRET": "x" * 31},
      "FLASHSALE_SANDBOX_WEBHOOK_SECRET must be at least 32 bytes long"),
+    ({"FLASHSALE_TRUSTED_PROXIES": "10.0.0.1, lb.example.com"},
+     "FLASHSALE_TRUSTED_PROXIES must list addresses or networks (such as 10.0.0.0/8), got "
+     "'lb.example.com'"),
 ])
 def test_admin_and_secret_settings_are_checked_before_anything_starts(
     settings: dict[str, str], error: str, tmp_path: Path,

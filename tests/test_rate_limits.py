@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from flashsale.config import DEFAULT_LIMITS, ConfigError, Limit, parse_limits
+from flashsale.config import (
+    DEFAULT_LIMITS,
+    ConfigError,
+    Limit,
+    parse_limits,
+    parse_trusted_proxies,
+)
 from flashsale.http.problems import ApiError
 from flashsale.http.ratelimit import Counts, LocalCounts, RateLimiter, SharedCounts
 from flashsale.persistence.database import create_pool
@@ -176,3 +182,27 @@ async def test_front_ends_sharing_a_database_share_its_limits(make_api: Any) -> 
                 "full_name": "Test Shopper"}
         statuses.append((await fronts[n % 2].call("POST", "/auth/register", body=body))[0])
     assert statuses == [201, 201, 201, 429, 429, 429]
+
+
+async def test_behind_a_trusted_proxy_each_client_counts_by_its_forwarded_address(
+    make_api: Any,
+) -> None:
+    """Behind a load balancer every request comes from its address: counted by that, a few
+    shoppers would spend every shopper's limit. A client's own X-Forwarded-For counts for
+    nothing, and what it writes before the proxy's entry is passed over."""
+    limits = {**DEFAULT_LIMITS, "ip": Limit(2, 60)}
+    direct = await make_api(rate_limits=limits)
+    proxied = await make_api(rate_limits=limits,
+                             trusted_proxies=parse_trusted_proxies("10.0.0.0/8, 127.0.0.1"))
+
+    async def health(api: Any, forwarded: str) -> int:
+        return int((await api.call("GET", "/webhooks/health",
+                                   headers={"X-Forwarded-For": forwarded}))[0])
+
+    assert [await health(direct, f"198.51.100.{n}") for n in range(3)] == [200, 200, 429]
+    assert [await health(proxied, "198.51.100.7, 10.1.2.3") for _ in range(3)] == [200, 200, 429]
+    assert await health(proxied, "198.51.100.8") == 200
+    assert await health(proxied, "198.51.100.8, 198.51.100.7") == 429  # .8 is the client's word
+    for bad in ("10.0.0.0/33", "proxy.example.com"):
+        with pytest.raises(ConfigError, match="FLASHSALE_TRUSTED_PROXIES"):
+            parse_trusted_proxies(bad)

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 import asyncpg
 import ray
@@ -9,6 +10,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.typedefs import Middleware
 
+from flashsale.config import Network
 from flashsale.http import routes_auth, routes_orders, routes_payments, routes_products
 from flashsale.http.engine import ENGINE, Engine
 from flashsale.http.problems import problem, problem_middleware
@@ -57,10 +59,10 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-def create_app(engine: Engine) -> web.Application:
+def create_app(engine: Engine, trusted_proxies: Sequence[Network] = ()) -> web.Application:
     middlewares: list[Middleware] = [problem_middleware]
     if engine.limiter is not None:
-        middlewares.append(rate_limit_middleware(engine.limiter))
+        middlewares.append(rate_limit_middleware(engine.limiter, trusted_proxies))
     app = web.Application(middlewares=middlewares, client_max_size=BODY_BYTES_MAX)
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)  # once, whatever the apps
     app[ENGINE] = engine

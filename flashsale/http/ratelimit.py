@@ -7,16 +7,17 @@ requests go out together, one statement at a time, so a request costs no stateme
 """
 
 import asyncio
+import ipaddress
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import asyncpg
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from flashsale.config import Limit
+from flashsale.config import Limit, Network
 from flashsale.http.problems import ApiError
 
 SWEEP_INTERVAL_S = 60.0  # how often a front end drops the counts of ended windows
@@ -178,10 +179,34 @@ _PER_ADDRESS = {("POST", "/auth/login"): "login", ("POST", "/auth/register"): "r
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def rate_limit_middleware(limiter: RateLimiter) -> Middleware:
+def client_address(request: web.Request, trusted_proxies: Sequence[Network]) -> str:
+    """The peer's address, or, where the peer is a trusted proxy, the last address in
+    X-Forwarded-For that is not a trusted proxy's: each proxy appends the address it heard from,
+    and a client may write anything before that, never after."""
+    peer = request.remote or "unknown"
+    if not _among(peer, trusted_proxies):
+        return peer
+    hops = [hop.strip() for value in request.headers.getall("X-Forwarded-For", ())
+            for hop in value.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _among(hop, trusted_proxies):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _among(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def rate_limit_middleware(limiter: RateLimiter,
+                          trusted_proxies: Sequence[Network] = ()) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        address = request.remote or "unknown"
+        address = client_address(request, trusted_proxies)
         kind = _PER_ADDRESS.get((request.method, request.path))
         await limiter.check(("ip", address), *([(kind, address)] if kind else []))
         return await handler(request)
