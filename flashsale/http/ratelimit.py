@@ -179,7 +179,7 @@ _PER_ADDRESS = {("POST", "/auth/login"): "login", ("POST", "/auth/register"): "r
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def client_address(request: web.Request, trusted_proxies: Sequence[Network]) -> str:
+def _client_address(request: web.Request, trusted_proxies: Sequence[Network]) -> str:
     """The peer's address, or, where the peer is a trusted proxy, the last address in
     X-Forwarded-For that is not a trusted proxy's: each proxy appends the address it heard from,
     and a client may write anything before that, never after."""
@@ -206,7 +206,7 @@ def rate_limit_middleware(limiter: RateLimiter,
                           trusted_proxies: Sequence[Network] = ()) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        address = client_address(request, trusted_proxies)
+        address = _client_address(request, trusted_proxies)
         kind = _PER_ADDRESS.get((request.method, request.path))
         await limiter.check(("ip", address), *([(kind, address)] if kind else []))
         return await handler(request)
