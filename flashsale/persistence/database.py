@@ -51,20 +51,27 @@ UNACKNOWLEDGED_MAX_S = 10
 # for its lock and a recovery of a large state, at every try, and fail a large commit.
 NO_QUERY_TIMEOUTS = "SET statement_timeout = 0; SET lock_timeout = 0"
 
+# How long a request waits for a lock (an operator's migration, a long report) before it is
+# answered 503, where the database sets no lock_timeout of its own: as long as an actor call.
+LOCK_WAIT_MAX_S = 5
+
 # One statement, set where the server has the setting (idle_session_timeout came with
-# PostgreSQL 14, tcp_user_timeout with 12); synchronous_commit only where it is off, so stronger
-# settings stay. The server applies the tcp_ ones to TCP sessions only.
+# PostgreSQL 14, tcp_user_timeout with 12), and where given only from the value in the third
+# column: synchronous_commit only where it is off, so stronger settings stay, and lock_timeout
+# only where the database sets none. The server applies the tcp_ ones to TCP sessions only.
 _SESSION_SETTINGS = f"""
 SELECT set_config(name, value, false)
-FROM (VALUES ('synchronous_commit', 'on'),
-             ('default_transaction_isolation', 'read committed'),
-             ('idle_session_timeout', '0'),
-             ('tcp_keepalives_idle', '{KEEPALIVE_IDLE_S}s'),
-             ('tcp_keepalives_interval', '{KEEPALIVE_INTERVAL_S}s'),
-             ('tcp_keepalives_count', '{KEEPALIVE_PROBES}'),
-             ('tcp_user_timeout', '{UNACKNOWLEDGED_MAX_S}s')) AS wanted(name, value)
+FROM (VALUES ('synchronous_commit', 'on', 'off'),
+             ('default_transaction_isolation', 'read committed', NULL),
+             ('idle_session_timeout', '0', NULL),
+             ('lock_timeout', '{LOCK_WAIT_MAX_S}s', '0'),
+             ('tcp_keepalives_idle', '{KEEPALIVE_IDLE_S}s', NULL),
+             ('tcp_keepalives_interval', '{KEEPALIVE_INTERVAL_S}s', NULL),
+             ('tcp_keepalives_count', '{KEEPALIVE_PROBES}', NULL),
+             ('tcp_user_timeout', '{UNACKNOWLEDGED_MAX_S}s', NULL))
+     AS wanted(name, value, only_from)
 WHERE name IN (SELECT name FROM pg_settings)
-  AND (name <> 'synchronous_commit' OR current_setting(name) = 'off')"""
+  AND (only_from IS NULL OR current_setting(name) = only_from)"""
 
 
 async def configure_session(conn: asyncpg.Connection) -> None:
@@ -79,6 +86,9 @@ async def configure_session(conn: asyncpg.Connection) -> None:
       the second of two claims at once fails with a serialization error instead.
     - Its sessions are kept on purpose, idle or not: an actor's WAL connection waits for the
       product's next order. A server that ends idle sessions would fail that order's commit.
+    - A lock held long (an operator's migration, a long report) is waited for at most
+      LOCK_WAIT_MAX_S, and then answered 503 (DATABASE_DOWN), not by a request that hangs.
+      A product's writer waits as long as it takes (NO_QUERY_TIMEOUTS).
     - Either end finds the other gone within seconds. The server ends the session of an actor
       whose machine died, which holds its product's writer lock: the product's next actor
       waits for that lock before it serves. An actor whose server vanished in the middle of a
