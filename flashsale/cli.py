@@ -19,7 +19,7 @@ from flashsale.persistence.database import (
     open_database,
 )
 from flashsale.persistence.embedded import EmbeddedPostgres
-from flashsale.persistence.replay import ProductReport, logged_products, report
+from flashsale.persistence.replay import ProductReport, logged_products, reports
 
 
 def _serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -94,25 +94,25 @@ async def _replay_async(settings: Settings, product: str | None, verify: bool,
         try:
             await conn.execute(NO_QUERY_TIMEOUTS)
             products = [product] if product else await logged_products(conn)
-            reports = []
-            for number, product_id in enumerate(products, 1):
+            found: list[ProductReport] = []
+            async for one in reports(conn, products, verify=verify):
+                found.append(one)
                 if len(products) > 1 and not as_json:
-                    print(f"replaying {number}/{len(products)}", end="\r", file=sys.stderr)
-                reports.append(await report(conn, product_id, verify=verify))
+                    print(f"replayed {len(found)}/{len(products)}", end="\r", file=sys.stderr)
         except (*DATABASE_DOWN, asyncpg.PostgresError) as error:
             raise ConfigError(f"replay stopped, the database failed: {error}") from None
         finally:
             await conn.close()
     finally:
         database.close()
-    for r in reports:
+    for r in found:
         if r.last_seq == 0:
             r.problems.append(f"product {r.product_id}: no events in the WAL")
     if as_json:
-        print(msgspec.json.encode(reports).decode())
+        print(msgspec.json.encode(found).decode())
     else:
-        _print_reports(reports)
-    return 1 if any(r.problems for r in reports) else 0
+        _print_reports(found)
+    return 1 if any(r.problems for r in found) else 0
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from flashsale.payments.sandbox import SandboxGateway
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
 from flashsale.persistence.products import all_products
-from flashsale.persistence.replay import logged_products, report
+from flashsale.persistence.replay import logged_products, reports
 
 TEMPLATE = "flashsale_template"
 _database_numbers = itertools.count()
@@ -78,8 +78,9 @@ async def database_dsn(request: pytest.FixtureRequest, embedded_pg: EmbeddedPost
 async def replay_problems(dsn: str) -> list[str]:
     conn = await asyncpg.connect(dsn)
     try:
-        return [problem for product_id in await logged_products(conn)
-                for problem in (await report(conn, product_id, verify=True)).problems]
+        return [problem async for report in reports(conn, await logged_products(conn),
+                                                    verify=True)
+                for problem in report.problems]
     finally:
         await conn.close()
 

@@ -25,7 +25,7 @@ from ray.actor import ActorHandle
 
 from flashsale.actors.product import ProductState
 from flashsale.http.engine import Engine
-from flashsale.persistence.replay import decode_state
+from flashsale.persistence.replay import ProductReport, decode_state, reports
 from flashsale.persistence.users import ensure_admin
 
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-keys"
@@ -109,6 +109,19 @@ def free_port() -> int:
 
 async def live_state(actor: ActorHandle) -> ProductState:
     return decode_state(await actor.snapshot.remote())
+
+
+def replay_cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`flashsale replay` on a database, as an operator runs it."""
+    env = {**os.environ, "FLASHSALE_DATABASE_URL": dsn}
+    return subprocess.run([sys.executable, "-m", "flashsale.cli", "replay", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+async def verified(conn: asyncpg.Connection, product_id: str) -> ProductReport:
+    """What `flashsale replay --verify` reports of one product."""
+    [report] = [report async for report in reports(conn, [product_id], verify=True)]
+    return report
 
 
 async def forgotten(actor: ActorHandle, order_id: str, timeout_s: float = 15) -> ProductState:

@@ -4,8 +4,6 @@ import asyncio
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -15,7 +13,14 @@ import asyncpg
 import msgspec
 import pytest
 import ray
-from helpers import drop_sessions, forgotten, live_state, set_database_default
+from helpers import (
+    drop_sessions,
+    forgotten,
+    live_state,
+    replay_cli,
+    set_database_default,
+    verified,
+)
 from ray.actor import ActorHandle
 
 from flashsale.actors import batching
@@ -49,7 +54,7 @@ from flashsale.ids import uuid7
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.frames import frame
 from flashsale.persistence.orders import order_by_id, order_record
-from flashsale.persistence.replay import rebuild, report
+from flashsale.persistence.replay import rebuild
 from flashsale.persistence.wal import insert_new_orders
 
 ProductFactory = Callable[..., Awaitable[tuple[str, ActorHandle]]]
@@ -114,12 +119,6 @@ class Shoppers:
                 self.acknowledged[cmd.user_id] = reply
 
 
-def replay_cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FLASHSALE_DATABASE_URL": dsn}
-    return subprocess.run([sys.executable, "-m", "flashsale.cli", "replay", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
-
-
 async def test_concurrent_batches_never_oversell_and_the_log_has_no_gaps(
     products: ProductFactory, database_dsn: str
 ) -> None:
@@ -180,7 +179,7 @@ async def test_verify_finds_a_product_consistent_while_it_keeps_taking_orders(
     shoppers = asyncio.gather(*(shop() for _ in range(3)))
     conn = await asyncpg.connect(database_dsn)
     try:
-        problems = [(await report(conn, product_id, verify=True)).problems for _ in range(25)]
+        problems = [(await verified(conn, product_id)).problems for _ in range(25)]
     finally:
         shopping = False
         await shoppers
@@ -524,7 +523,7 @@ async def test_orders_placed_and_settled_in_one_commit_are_stored_as_they_end(
         stored = {row["id"]: tuple(row.values())[1:] for row in await conn.fetch(
             "SELECT id::text, status, payment_id, confirmed_at_ms IS NOT NULL, refund_status, "
             "refund_amount_minor FROM orders WHERE product_id = $1", product_id)}
-        assert (await report(conn, product_id, verify=True)).problems == []
+        assert (await verified(conn, product_id)).problems == []
     finally:
         await conn.close()
     assert stored == {
@@ -549,7 +548,7 @@ async def test_a_later_batch_forgets_a_settled_order_never_the_batch_that_settle
     try:
         rows = await conn.fetch("SELECT status FROM orders WHERE product_id = $1", product_id)
         assert [row["status"] for row in rows] == ["failed", "failed"]
-        assert (await report(conn, product_id, verify=True)).problems == []
+        assert (await verified(conn, product_id)).problems == []
     finally:
         await conn.close()
 
@@ -568,7 +567,7 @@ async def test_settled_orders_leave_memory_and_the_read_model_brings_them_back(
 
     conn = await asyncpg.connect(database_dsn)
     try:
-        report_now = await report(conn, product_id, verify=True)
+        report_now = await verified(conn, product_id)
         assert report_now.problems == []
         known = order_record(await order_by_id(conn, order.order_id))
         assert known.status is OrderStatus.FAILED
@@ -588,7 +587,7 @@ async def test_settled_orders_leave_memory_and_the_read_model_brings_them_back(
         assert (state.sold, state.reserved, state.available) == (1, 1, 0)
         from_scratch = await rebuild(conn, product_id, use_snapshot=False)
         assert from_scratch.state == state
-        assert (await report(conn, product_id, verify=True)).problems == []
+        assert (await verified(conn, product_id)).problems == []
     finally:
         await conn.close()
 
@@ -660,7 +659,7 @@ async def test_an_ended_idle_sale_retires_its_actor_and_a_late_command_brings_it
         after = await router.counts(product_id)
         assert after == ProductCounts(10, 10, 0, 0, before.last_seq + 1)
         assert await router.actor(product_id).pid.remote() != pid
-        assert (await report(stored, product_id, verify=True)).problems == []
+        assert (await verified(stored, product_id)).problems == []
     finally:
         await stored.close()
         ray.kill(router.actor(product_id), no_restart=True)
