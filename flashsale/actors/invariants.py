@@ -1,6 +1,8 @@
 """SPEC §6 invariants 1, 2 and 4 for one product, recomputed from its orders: what replay, the
 simulation and the tests check after every step."""
 
+from collections import Counter
+
 from flashsale.actors.messages import OrderStatus
 from flashsale.actors.product import ProductState
 
@@ -36,7 +38,11 @@ def check_invariants(state: ProductState) -> list[str]:
     for user_id, held in units.items():
         if held > limit:
             problems.append(f"user {user_id} holds {held} units, above the limit {limit}")
-    for payment_id, order_id in state.order_by_payment.items():
-        if state.orders[order_id].payment_id != payment_id:
-            problems.append(f"payment {payment_id} is recorded for two orders")
+    payments = Counter(o.payment_id for o in state.orders.values() if o.payment_id is not None)
+    problems += [f"payment {payment_id} is recorded for {orders} orders"
+                 for payment_id, orders in payments.items() if orders > 1]
+    indexed = {o.payment_id: o.order_id for o in state.orders.values()
+               if o.payment_id is not None}
+    if indexed != state.order_by_payment:
+        problems.append("the payment index disagrees with the orders")
     return problems
