@@ -1,5 +1,6 @@
-"""`flashsale replay --verify` against real logs: it names each product whose read model or
-snapshot disagrees with its WAL, and reads the orders table once, however many products."""
+"""`flashsale replay --verify` against real logs: it names each product whose log breaks an
+invariant or disagrees with its read model or snapshot, and reads the orders table once, however
+many products there are."""
 
 import uuid
 from collections.abc import Awaitable, Callable
@@ -11,11 +12,12 @@ import ray
 from helpers import replay_cli
 from ray.actor import ActorHandle
 
-from flashsale.actors.messages import PlaceOrder
-from flashsale.actors.product_actor import send
+from flashsale.actors.messages import OrderPlaced, PlaceOrder, event_encoder
+from flashsale.actors.product_actor import now_ms, send
 from flashsale.ids import uuid7
 from flashsale.persistence.frames import frame, unframe
 from flashsale.persistence.replay import decode_state, encode_state, logged_products, reports
+from flashsale.persistence.wal import insert_new_orders
 
 ProductFactory = Callable[..., Awaitable[tuple[str, ActorHandle]]]
 
@@ -42,17 +44,18 @@ async def sold_out_quietly(products: ProductFactory, count: int,
 
 
 @pytest.mark.damages_wal
-async def test_verify_names_each_product_whose_read_model_or_snapshot_disagrees_with_its_log(
+async def test_verify_names_each_damaged_product_and_what_is_wrong(
     products: ProductFactory, database_dsn: str
 ) -> None:
-    made = await sold_out_quietly(products, 5, snapshot_every_events=10)
-    (intact, _), (changed, changed_orders), (lost, lost_orders), (extra, _), (resnapped, _) = made
-    stray = uuid7()
+    made = await sold_out_quietly(products, 6, snapshot_every_events=10)
+    intact, changed, lost, extra, resnapped, overheld = (product_id for product_id, _ in made)
+    changed_order, lost_order = made[1][1][4], made[2][1][7]
+    stray, greedy = uuid7(), str(uuid.uuid4())
     conn = await asyncpg.connect(database_dsn)
     try:
         await conn.execute("UPDATE orders SET status = 'confirmed' WHERE id = $1",
-                           changed_orders[4])
-        await conn.execute("DELETE FROM orders WHERE id = $1", lost_orders[7])
+                           changed_order)
+        await conn.execute("DELETE FROM orders WHERE id = $1", lost_order)
         await conn.execute(
             "INSERT INTO orders SELECT $1, product_id, user_id, 'stray', quantity, "
             "unit_price_minor, currency, 'pending', payment_id, refund_status, "
@@ -65,6 +68,11 @@ async def test_verify_names_each_product_whose_read_model_or_snapshot_disagrees_
         state.stock += 1  # a snapshot that decodes well but is not what its events made
         await conn.execute("UPDATE snapshots SET record = $1 WHERE product_id = $2 AND seq = $3",
                            frame(encode_state(state)), resnapped, seq)
+        # An order above the per-user limit of 5, logged with its row as a commit writes them.
+        over = OrderPlaced(uuid7(), greedy, "greedy", 6, 1_000, now_ms(), now_ms() + 600_000)
+        await conn.execute("INSERT INTO wal (product_id, first_seq, last_seq, record) "
+                           "VALUES ($1, 17, 17, $2)", overheld, frame(event_encoder.encode([over])))
+        await insert_new_orders(conn, overheld, "INR", [over])
     finally:
         await conn.close()
 
@@ -76,13 +84,14 @@ async def test_verify_names_each_product_whose_read_model_or_snapshot_disagrees_
     assert problems == {
         intact: [],
         changed: [f"product {changed}: 1 orders differ between the WAL and the orders table, "
-                  f"first {changed_orders[4]}"],
+                  f"first {changed_order}"],
         lost: [f"product {lost}: 1 orders differ between the WAL and the orders table, "
-               f"first {lost_orders[7]}"],
+               f"first {lost_order}"],
         extra: [f"product {extra}: 1 unsettled orders are in the orders table but not in the "
                 f"WAL's state, first {stray}"],
         resnapped: [f"product {resnapped}: snapshot at seq {seq} disagrees with a replay of the "
                     "whole WAL"],
+        overheld: [f"product {overheld}: user {greedy} holds 6 units, above the limit 5"],
     }
 
 
