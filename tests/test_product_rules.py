@@ -1,5 +1,6 @@
 """One example per rule and per rejection of the pure product core."""
 
+import msgspec
 import pytest
 
 from flashsale.actors.invariants import check_invariants
@@ -11,8 +12,10 @@ from flashsale.actors.messages import (
     Event,
     ExpireHolds,
     FailPayment,
+    ForgetSettled,
     OrderConfirmed,
     OrderExpired,
+    OrderRecord,
     OrderStatus,
     PlaceOrder,
     ProductTerms,
@@ -84,6 +87,54 @@ def test_defining_a_product_twice_with_other_terms_is_refused() -> None:
     other = ProductTerms("prod", PRICE + 1, "INR", START_MS, END_MS, 2)
     assert sale.run(DefineProduct(other, 5))[0] is Rejection.VALIDATION_ERROR
     assert sale.run(DefineProduct(sale.state.terms, 5)) == (None, ())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("stock", "price", "limit", "ends_at_ms"),
+    [(-1, PRICE, 2, END_MS), (5, -1, 2, END_MS), (5, PRICE, 0, END_MS), (5, PRICE, 2, START_MS)],
+    ids=["negative-stock", "negative-price", "no-unit-per-user", "window-ends-as-it-starts"],
+)
+def test_a_product_with_impossible_terms_is_refused(
+    stock: int, price: int, limit: int, ends_at_ms: int
+) -> None:
+    terms = ProductTerms("prod", price, "INR", START_MS, ends_at_ms, limit)
+    state = ProductState()
+    assert execute(state, DefineProduct(terms, stock), START_MS, POLICY) == (
+        Rejection.VALIDATION_ERROR, ())
+    assert state.terms is None
+
+
+def test_a_new_order_under_an_id_already_taken_is_refused() -> None:
+    sale = Sale(stock=5)
+    first = sale.place(user="alice")
+    reply, events = sale.run(PlaceOrder(placed(first), "bob", "k", 1))
+    assert (reply, events) == (Rejection.VALIDATION_ERROR, ())
+    assert sale.state.orders[placed(first)] == first and sale.counts() == (4, 1, 0)
+
+
+def test_an_order_known_from_the_read_model_answers_only_its_own_user_and_key() -> None:
+    sale = Sale(stock=5, limit=5)
+    bobs = sale.place(user="bob", key="k")
+    assert not isinstance(bobs, Rejection) and bobs is not None
+    alices = sale.run(PlaceOrder("alice-1", "alice", "k", 1, known=bobs))[0]
+    assert placed(alices) == "alice-1" and sale.counts() == (3, 2, 0)
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(OrderStatus.PENDING, Rejection.NOT_FOUND), (OrderStatus.FAILED, OrderStatus.CONFIRMED)],
+)
+def test_only_a_settled_order_the_product_forgot_comes_back_with_its_payment(
+    status: OrderStatus, expected: object
+) -> None:
+    """The product forgets settled orders only: one known as pending that it does not hold is
+    not its own."""
+    other = Sale()
+    known = other.state.orders[placed(other.place())]
+    known = msgspec.structs.replace(known, status=status)
+    sale = Sale()
+    reply, _ = sale.run(CapturePayment(known.order_id, "pay_1", PRICE, "INR", known))
+    assert (reply.status if isinstance(reply, OrderRecord) else reply) == expected
 
 
 @pytest.mark.parametrize("quantity", [0, -1, 11])
@@ -180,7 +231,8 @@ def test_a_captured_payment_confirms_a_pending_order_once() -> None:
     assert isinstance(events[0], OrderConfirmed) and not events[0].rereserved
     assert placed(reply) == order_id and sale.state.orders[order_id].status is OrderStatus.CONFIRMED
     assert sale.counts() == (3, 0, 2)
-    assert sale.capture(order_id, "pay_1")[1] == ()  # redelivered webhook: no change
+    reply, events = sale.capture(order_id, "pay_1")  # a redelivered webhook: no change
+    assert placed(reply) == order_id and events == ()
     assert sale.capture(order_id, "pay_2")[0] is Rejection.INVALID_ORDER_STATE
     assert sale.counts() == (3, 0, 2)
 
@@ -332,6 +384,40 @@ def test_a_refund_settles_once() -> None:
     assert sale.state.orders[order_id].refund_status is RefundStatus.PROCESSED
     assert sale.run(SettleRefund(order_id, False))[1] == ()
     assert sale.state.orders[order_id].refund_status is RefundStatus.PROCESSED
+
+
+def test_a_settled_orders_hold_leaves_memory() -> None:
+    sale = Sale(stock=5)
+    paid, failed = placed(sale.place()), placed(sale.place())
+    sale.capture(paid)
+    sale.run(FailPayment(failed))
+    assert sale.state.holds == []
+
+
+def test_a_key_reused_while_its_order_was_forgotten_stays_with_the_new_order() -> None:
+    """The old order may come back (a late payment) and be forgotten again; the key keeps
+    answering with the order placed under it meanwhile, also after a snapshot."""
+    sale = Sale(stock=5)
+    old = placed(sale.place(key="k"))
+    sale.run(FailPayment(old))
+    known = sale.state.orders[old]
+    sale.run(ForgetSettled())
+    new = placed(sale.place(key="k"))
+    assert new != old
+
+    def answer_to_key(state: ProductState) -> str:
+        return placed(execute(state, PlaceOrder("again", "alice", "k", 1), sale.now_ms,
+                              POLICY)[0])
+
+    sale.run(CapturePayment(old, "pay_late", PRICE, "INR", known))
+    assert sale.state.orders[old].status is OrderStatus.CONFIRMED
+    assert answer_to_key(sale.state) == new
+    assert answer_to_key(decode_state(encode_state(sale.state))) == new
+    sale.run(CancelOrder(old, "alice"))
+    sale.run(SettleRefund(old, True))
+    sale.run(ForgetSettled())
+    assert old not in sale.state.orders
+    assert answer_to_key(sale.state) == new
 
 
 def test_folding_the_events_rebuilds_the_state_and_snapshots_round_trip() -> None:
