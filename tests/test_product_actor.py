@@ -315,17 +315,21 @@ async def test_an_outage_is_logged_by_the_actor_as_it_starts_and_ends_not_at_eve
 
 @pytest.mark.damages_wal
 @pytest.mark.parametrize(
-    ("damage", "damaged_seq"),
+    ("damage", "damaged_seq", "reason"),
     [
-        ("UPDATE wal SET record = substring(record from 1 for length(record) - 3)", 10),
+        ("UPDATE wal SET record = substring(record from 1 for length(record) - 3)", 10,
+         "record is cut short"),
         ("UPDATE wal SET record = set_byte(record, length(record) / 2, "
-         "get_byte(record, length(record) / 2) # 1)", 10),
-        ("DELETE FROM wal", 6),  # from the middle: a gap
+         "get_byte(record, length(record) / 2) # 1)", 10, "record checksum does not match"),
+        ("DELETE FROM wal", 6, "expected seq 6, found a record of 10..13"),  # a gap
+        ("UPDATE wal SET first_seq = 4, last_seq = 7", 6, "expected seq 6, found a record of 4..7"),
+        ("UPDATE wal SET last_seq = 14", 10, "holds 4 events, its range says 5"),
     ],
-    ids=["last-cut-short", "last-with-a-flipped-byte", "one-missing"],
+    ids=["last-cut-short", "last-with-a-flipped-byte", "one-missing", "one-overlapping",
+         "last-with-a-range-too-long"],
 )
 async def test_a_damaged_record_stops_replay_there(
-    products: ProductFactory, database_dsn: str, damage: str, damaged_seq: int
+    products: ProductFactory, database_dsn: str, damage: str, damaged_seq: int, reason: str
 ) -> None:
     product_id, actor = await products(stock=100, limit=5)
     for _ in range(3):  # records of seq 1 (the product), 2..5, 6..9 and 10..13
@@ -345,7 +349,7 @@ async def test_a_damaged_record_stops_replay_there(
 
     checked = replay_cli(database_dsn, "--product", product_id)
     assert checked.returncode == 1
-    assert f"product {product_id}: WAL corrupt at seq {damaged_seq}" in checked.stderr
+    assert f"product {product_id}: WAL corrupt at seq {damaged_seq}: {reason}" in checked.stderr
 
 
 async def test_replay_waits_out_a_lock_and_a_lost_session_stops_it_with_one_line(

@@ -83,7 +83,11 @@ async def rebuild(conn: asyncpg.Connection, product_id: str, *,
         )
         async for first_seq, last_seq, record in records:
             expected = state.last_seq + 1
-            if not first_seq <= expected <= last_seq:
+            # Each record follows on from the one before; only the first may begin before the
+            # snapshot, which may have been taken inside a record that group-committed several
+            # appends.
+            follows = first_seq == expected or (not replayed and first_seq < expected <= last_seq)
+            if not follows:
                 reason = f"expected seq {expected}, found a record of {first_seq}..{last_seq}"
                 return Rebuilt(state, snapshot_seq, replayed, Corruption(product_id, expected,
                                                                            reason))
@@ -95,7 +99,6 @@ async def rebuild(conn: asyncpg.Connection, product_id: str, *,
             except (CorruptRecord, msgspec.DecodeError) as error:
                 return Rebuilt(state, snapshot_seq, replayed,
                                Corruption(product_id, first_seq, str(error)))
-            # A snapshot may have been taken inside a record that group-committed several appends.
             for event in events[expected - first_seq:]:
                 apply(state, event)
             replayed += last_seq - expected + 1
