@@ -118,6 +118,19 @@ def replay_cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
+async def session_waiting_for_a_lock(conn: asyncpg.Connection, timeout_s: float = 10) -> int:
+    """The pid of the session that waits for a lock in `conn`'s database, once one does."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")  # else a transaction sees no change
+        pid = await conn.fetchval("SELECT pid FROM pg_stat_activity WHERE wait_event_type = "
+                                  "'Lock' AND datname = current_database()")
+        if pid is not None:
+            return int(pid)
+        await asyncio.sleep(0.02)
+    raise AssertionError("no session waited for a lock")
+
+
 async def verified(conn: asyncpg.Connection, product_id: str) -> ProductReport:
     """What `flashsale replay --verify` reports of one product."""
     [report] = [report async for report in reports(conn, [product_id], verify=True)]

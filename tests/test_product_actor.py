@@ -18,6 +18,7 @@ from helpers import (
     forgotten,
     live_state,
     replay_cli,
+    session_waiting_for_a_lock,
     set_database_default,
     verified,
 )
@@ -439,6 +440,45 @@ async def test_a_damaged_snapshot_is_passed_over_for_the_whole_wal(
     assert passed_over.corruption is None and passed_over.snapshot_seq == 0
     assert passed_over.state == intact.state == await live_state(actor)
     assert f"snapshot at seq {intact.snapshot_seq} unusable" in caplog.text
+
+
+async def test_a_duplicate_is_answered_only_once_the_order_it_repeats_is_committed(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    """A retry may reach the product while the commit of the order it repeats is in flight:
+    answering it sooner would acknowledge an order that a crash could still lose."""
+    _, actor = await products(stock=10)
+    order = place()
+    holder = await asyncpg.connect(database_dsn)
+    try:
+        await holder.execute("BEGIN; LOCK TABLE wal IN ACCESS EXCLUSIVE MODE")
+        first = asyncio.ensure_future(send(actor, [order]))
+        await session_waiting_for_a_lock(holder)
+        retry = asyncio.ensure_future(send(actor, [msgspec.structs.replace(order,
+                                                                           order_id=uuid7())]))
+        await asyncio.sleep(1)  # long enough for the actor to decide the retry
+        assert not (first.done() or retry.done())
+        await holder.execute("COMMIT")
+        [placed], [again] = await first, await retry
+    finally:
+        await holder.close()
+    assert isinstance(placed, OrderRecord) and again == placed
+
+
+async def test_a_restarted_actor_counts_the_events_it_replayed_toward_its_next_snapshot(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    product_id, actor = await products(stock=100, limit=5, snapshot_every_events=10)
+    await send(actor, [place() for _ in range(5)])  # seq 1 defined it: 6 events so far
+    os.kill(await actor.pid.remote(), signal.SIGKILL)
+    await send_until_decided(actor, [place() for _ in range(4)])
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        snapshots = await conn.fetch("SELECT seq FROM snapshots WHERE product_id = $1",
+                                     product_id)
+    finally:
+        await conn.close()
+    assert [row["seq"] for row in snapshots] == [10]
 
 
 @pytest.mark.parametrize("query_timeouts", [False, True],

@@ -2,12 +2,12 @@
 queue behind a commit go out together, and a failed commit fails every append waiting."""
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from helpers import session_waiting_for_a_lock
 
 from flashsale.actors.messages import (
     CancelOrder,
@@ -66,19 +66,6 @@ async def wal_held_by(conn: asyncpg.Connection) -> None:
     await conn.execute("BEGIN; LOCK TABLE wal IN ACCESS EXCLUSIVE MODE")
 
 
-async def until_waiting_for_a_lock(conn: asyncpg.Connection) -> int:
-    """The pid of the session that waits for a lock, once one does."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        await conn.execute("SELECT pg_stat_clear_snapshot()")
-        pid = await conn.fetchval("SELECT pid FROM pg_stat_activity WHERE wait_event_type = "
-                                  "'Lock' AND datname = current_database()")
-        if pid is not None:
-            return int(pid)
-        await asyncio.sleep(0.02)
-    raise AssertionError("the writer never waited for the lock")
-
-
 async def test_appends_queued_behind_a_commit_go_out_together_as_the_last_left_them(
     product: Product, database_dsn: str
 ) -> None:
@@ -87,7 +74,7 @@ async def test_appends_queued_behind_a_commit_go_out_together_as_the_last_left_t
     try:
         await wal_held_by(holder)
         placing = product.append(order)
-        await until_waiting_for_a_lock(holder)
+        await session_waiting_for_a_lock(holder)
         # Behind the waiting commit: a snapshot, then two changes of one order.
         paying = product.append(CapturePayment(order.order_id, "pay-1", PRICE, "INR"),
                                 snapshot=True)
@@ -119,7 +106,7 @@ async def test_a_failed_commit_fails_every_append_waiting_and_then_refuses_more(
         await wal_held_by(holder)
         waiting = [product.append(PlaceOrder(uuid7(), str(uuid.uuid4()), "k", 1))
                    for _ in range(3)]
-        writer_pid = await until_waiting_for_a_lock(holder)
+        writer_pid = await session_waiting_for_a_lock(holder)
         waiting += [product.append(PlaceOrder(uuid7(), str(uuid.uuid4()), "k", 1))
                     for _ in range(3)]
         await holder.execute("SELECT pg_terminate_backend($1)", writer_pid)
