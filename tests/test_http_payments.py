@@ -149,13 +149,44 @@ async def test_a_refund_journaled_before_a_restart_is_still_made(api: Api) -> No
     assert order["refund_amount"] == PRICE
 
 
+async def test_a_refund_outcome_must_match_the_refund_and_changes_a_settled_one_nothing(
+    make_api: ApiFactory,
+) -> None:
+    api = await make_api(forget_settled_after_ms=0)
+    product_id = await api.sale(stock=2)
+    token, placed = await shopper_with_order(api, product_id)
+    order_id = placed["order_id"]
+    _, webhooks = await checkout(api, placed["payment_url"])
+    await press(api, webhooks, "pay")
+    await api.engine.payment_worker.stop()  # the refund's outcomes come from this test instead
+    await api.call("POST", f"/orders/{order_id}/cancel", token, {})
+    gateway = SandboxGateway(SANDBOX_SECRET, "")
+
+    async def outcome(kind: EventKind, amount: int) -> tuple[int, Any]:
+        body = gateway.event(kind, order_id, "pay_r", amount, "INR")
+        return await send(api, body, gateway.sign(body))
+
+    assert await outcome(EventKind.REFUNDED, PRICE - 1) == (200, {
+        "status": "ignored",
+        "outcome": f"rejected: {PRICE - 1} INR does not match the order's {PRICE} INR"})
+    assert (await order_of(api, token, order_id))["refund_status"] == "pending"
+    assert await outcome(EventKind.REFUNDED, PRICE) == (
+        200, {"status": "processed", "outcome": "processed"})
+    await forgotten(api.engine.router.actor(product_id), order_id)
+    # The refund reported again, as a new event, once its order's product has forgotten it.
+    assert await outcome(EventKind.REFUNDED, PRICE) == (
+        200, {"status": "processed", "outcome": "processed"})
+    order = await order_of(api, token, order_id)
+    assert (order["status"], order["refund_status"]) == ("cancelled", "processed")
+
+
 async def test_forged_webhooks_are_refused_before_anything_else(api: Api) -> None:
     product_id = await api.sale(stock=2)
     token, placed = await shopper_with_order(api, product_id)
     _, webhooks = await checkout(api, placed["payment_url"])
     body = webhooks["pay"]["body"]
     forger = SandboxGateway("not-the-secret", "")
-    for signature in (None, "", "00" * 32, forger.sign(body.encode())):
+    for signature in (None, "", "00" * 32, "é" * 64, forger.sign(body.encode())):
         status, reply = await send(api, body, signature)
         assert (status, reply["code"]) == (401, "invalid_token")
     tampered = body.replace(f'"amount":{PRICE}', '"amount":1')
