@@ -134,14 +134,19 @@ async def test_forged_or_broken_tokens_are_refused(api: Api) -> None:
         _token({"sub": user, "iat": now}),
         _token({"sub": user, "exp": now + 60}),
         _token({"iat": now, "exp": now + 60}),
+        _token({"sub": 7, "iat": now, "exp": now + 60}),
+        _token({"sub": user, "aud": "pay", "exp": now + 60}),  # a payment link's
+        _token({"sub": user, "aud": "pay", "iat": now, "exp": now + 60}),
         "not-a-jwt",
     ]
     for token in forged:
         status, body, headers = await api.call("GET", "/orders", token)
         assert (status, body["code"]) == (401, "invalid_token"), token
         assert headers["WWW-Authenticate"] == "Bearer"
-    status, body, _ = await api.call("GET", "/orders")
-    assert (status, body["code"]) == (401, "invalid_token")
+    _, good = await api.register()
+    for authorization in ({}, {"Authorization": f"Basic {good}"}):
+        status, body, _ = await api.call("GET", "/orders", headers=authorization)
+        assert (status, body["code"]) == (401, "invalid_token"), authorization
 
 
 async def test_a_token_accepted_before_is_refused_once_it_expires(api: Api) -> None:
