@@ -184,6 +184,16 @@ async def test_identical_requests_at_the_same_instant_make_one_order(api: Api) -
     assert page["total"] == 1
 
 
+async def test_a_front_end_shows_the_counts_its_orders_left_at_once(api: Api) -> None:
+    """The counts come back with every batch the product answers: the shopper who just ordered
+    sees the units gone, without waiting for the catalogue's next refresh."""
+    product_id = await api.sale(stock=5, limit=5)
+    _, token = await api.register()
+    for available in (4, 3, 2):
+        assert (await api.order(token, product_id))[0] == 201
+        assert (await product(api, product_id))["available"] == available
+
+
 async def test_200_shoppers_race_for_20_units(api: Api) -> None:
     product_id = await api.sale(stock=20, limit=1)
     # Minted with the server's key: 200 bcrypt registrations would only slow the test.

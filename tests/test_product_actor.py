@@ -659,6 +659,31 @@ async def test_a_batch_whose_screen_hangs_is_answered_503_and_the_next_goes_thro
         assert isinstance(await batcher.submit(place()), OrderRecord)
 
 
+async def test_commands_beyond_the_queue_bound_are_refused_at_once(
+    products: ProductFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a product's call hangs, its commands wait up to a bound; the next is a fast 503."""
+    monkeypatch.setattr(batching, "QUEUE_DEPTH_MAX", 3)
+    monkeypatch.setattr(batching, "CALL_TIMEOUT_S", 1.0)
+    product_id, actor = await products(stock=10, limit=10)
+
+    async def hung_screen(_: str, commands: list[Command]) -> list[Command | Rejection]:
+        await asyncio.Event().wait()
+        return list(commands)
+
+    batcher = batching.ProductBatcher(product_id, actor, hung_screen, lambda *_: None)
+    in_flight = asyncio.ensure_future(batcher.submit(place()))
+    await asyncio.sleep(0.05)  # its call has left
+    waiting = [asyncio.ensure_future(batcher.submit(place())) for _ in range(3)]
+    await asyncio.sleep(0.05)  # they wait behind it
+    with pytest.raises(ProductUnavailable, match="too many requests are waiting"):
+        await batcher.submit(place())
+    async with asyncio.timeout(10):
+        for answer in (in_flight, *waiting):
+            with pytest.raises(ProductUnavailable, match="did not answer"):
+                await answer
+
+
 async def _exited(pid: int, timeout_s: float = 15) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
