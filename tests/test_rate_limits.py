@@ -203,6 +203,8 @@ async def test_behind_a_trusted_proxy_each_client_counts_by_its_forwarded_addres
     assert [await health(proxied, "198.51.100.7, 10.1.2.3") for _ in range(3)] == [200, 200, 429]
     assert await health(proxied, "198.51.100.8") == 200
     assert await health(proxied, "198.51.100.8, 198.51.100.7") == 429  # .8 is the client's word
+    # Clients inside the proxies' own network: every hop is trusted, and the first is the client.
+    assert [await health(proxied, f"10.9.9.{n}") for n in range(3)] == [200, 200, 200]
     for bad in ("10.0.0.0/33", "proxy.example.com"):
         with pytest.raises(ConfigError, match="FLASHSALE_TRUSTED_PROXIES"):
             parse_trusted_proxies(bad)
