@@ -95,12 +95,18 @@ def test_admin_and_secret_settings_are_checked_before_anything_starts(
     assert out == "" and not (tmp_path / "data").exists()  # no database, no Ray
 
 
-@pytest.mark.parametrize("workers", ["0", "65"])
-def test_a_worker_count_out_of_range_stops_the_start_with_one_line(workers: str) -> None:
-    process = flashsale("serve", "--workers", workers)
+@pytest.mark.parametrize(("flag", "value", "bounds"), [
+    ("--workers", "0", "1 and 64"), ("--workers", "65", "1 and 64"),
+    ("--port", "0", "1 and 65535"), ("--port", "65536", "1 and 65535"),
+])
+def test_a_number_out_of_range_stops_the_start_with_one_line(
+    flag: str, value: str, bounds: str, tmp_path: Path
+) -> None:
+    process = flashsale("serve", flag, value,
+                        env={**os.environ, "FLASHSALE_DATA_DIR": str(tmp_path)})
     out, err = process.communicate(timeout=30)
     assert process.returncode == 2
-    assert err.strip() == f"flashsale: --workers must be between 1 and 64, got {workers}"
+    assert err.strip() == f"flashsale: {flag} must be between {bounds}, got {value}"
 
 
 @pytest.mark.parametrize("command", ["serve", "replay"])
