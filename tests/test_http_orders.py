@@ -60,6 +60,7 @@ async def test_only_admins_create_or_restock(api: Api) -> None:
 @pytest.mark.parametrize("change", [
     {"sale_ends_at": "2020-01-01T00:00:00Z"},
     {"sale_starts_at": "2020-01-01T00:00:00Z", "sale_ends_at": "2021-01-01T00:00:00Z"},
+    {"sale_starts_at": "2031-01-01T00:00:00Z"},  # ends before it starts
     {"stock": -1}, {"price": 1.5}, {"currency": "rupees"},
     {"sale_starts_at": "2026-01-01T00:00:00"},  # no time zone
     {"available": 100}, {"sold": 0},  # read-only fields are refused, never applied
@@ -127,8 +128,10 @@ async def test_order_rejections_have_their_codes(api: Api) -> None:
                                      {"product_id": product_id, "quantity": 1,
                                       "price": 1}, {"X-Idempotency-Key": "k"})
     assert (status, body["code"]) == (400, "validation_error")
+    assert await code_of(await api.order(token, product_id, key="k" * 256)) == (
+        400, "validation_error")
 
-    assert (await api.order(token, product_id))[0] == 201
+    assert (await api.order(token, product_id, key="k" * 255))[0] == 201
     assert await code_of(await api.order(token, product_id)) == (409, "purchase_limit_exceeded")
     _, other = await api.register()
     assert (await api.order(other, product_id))[0] == 201

@@ -152,9 +152,9 @@ async def test_requests_past_the_bound_of_those_waiting_for_a_shared_count_are_5
 
 async def test_over_http_the_limits_answer_429_with_retry_after(make_api: Any) -> None:
     api = await make_api(rate_limits={**DEFAULT_LIMITS, "register": Limit(2, 60),
-                                      "order": Limit(2, 60)})
+                                      "order": Limit(2, 60), "refresh": Limit(2, 60)})
     product_id = await api.sale(stock=10, limit=5)
-    _, alice = await api.register()
+    alices_email, alice = await api.register()
     _, bob = await api.register()
     body = {"email": "third@example.com", "password": "sale-day-1", "full_name": "Third"}
     status, problem, headers = await api.call("POST", "/auth/register", body=body)
@@ -163,6 +163,16 @@ async def test_over_http_the_limits_answer_429_with_retry_after(make_api: Any) -
 
     assert [(await api.order(alice, product_id))[0] for _ in range(3)] == [201, 201, 429]
     assert (await api.order(bob, product_id))[0] == 201  # another user's own limit
+
+    _, login, _ = await api.call("POST", "/auth/login",
+                                 body={"email": alices_email, "password": "sale-day-1"})
+    refreshed = []
+    for _ in range(3):
+        status, tokens, _ = await api.call("POST", "/auth/refresh",
+                                           body={"refresh_token": login["refresh_token"]})
+        refreshed.append(status)
+        login = tokens if status == 200 else login
+    assert refreshed == [200, 200, 429]
 
 
 async def test_every_route_counts_against_the_address(make_api: Any) -> None:
