@@ -26,7 +26,7 @@ def place() -> PlaceOrder:
     return PlaceOrder(uuid7(), str(uuid.uuid4()), str(uuid.uuid4()), 1)
 
 
-async def sold_out_quietly(products: ProductFactory, count: int,
+async def products_at_rest(products: ProductFactory, count: int,
                            **options: int) -> list[tuple[str, list[str]]]:
     """Products with a few orders each, and their order ids; their actors are gone, so nothing
     writes their logs or rows any more."""
@@ -47,7 +47,7 @@ async def sold_out_quietly(products: ProductFactory, count: int,
 async def test_verify_names_each_damaged_product_and_what_is_wrong(
     products: ProductFactory, database_dsn: str
 ) -> None:
-    made = await sold_out_quietly(products, 6, snapshot_every_events=10)
+    made = await products_at_rest(products, 6, snapshot_every_events=10)
     intact, changed, lost, extra, resnapped, overheld = (product_id for product_id, _ in made)
     changed_order, lost_order = made[1][1][4], made[2][1][7]
     stray, greedy = uuid7(), str(uuid.uuid4())
@@ -99,7 +99,7 @@ async def test_verify_reads_the_orders_table_once_however_many_products(
     products: ProductFactory, database_dsn: str
 ) -> None:
     """The table has no index by product: a query per product would read all of it each time."""
-    await sold_out_quietly(products, 3)
+    await products_at_rest(products, 3)
     conn = await asyncpg.connect(database_dsn)
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
