@@ -10,6 +10,7 @@ import ray
 from helpers import CANCEL_WINDOW_MS, Api
 
 from flashsale.actors.messages import CapturePayment
+from flashsale.actors.product import STOCK_MAX
 from flashsale.persistence.orders import drop_spent_claims
 
 
@@ -80,6 +81,21 @@ async def test_restock_adds_units(api: Api) -> None:
     status, body, _ = await api.call("POST", f"/products/{product_id}/restock",
                                      await api.admin(), {"quantity": 0})
     assert (status, body["code"]) == (400, "validation_error")
+
+
+async def test_restock_stops_at_the_most_units_a_sale_holds(api: Api) -> None:
+    """Its counts are stored as PostgreSQL integers: a larger stock could not be logged, and
+    the sale would answer 503 to every restock from then on."""
+    product_id = await api.sale(stock=STOCK_MAX - 1)
+    restock = f"/products/{product_id}/restock"
+    status, body, _ = await api.call("POST", restock, await api.admin(), {"quantity": STOCK_MAX})
+    assert (status, body["code"]) == (400, "validation_error")
+    assert str(STOCK_MAX) in body["detail"]
+    status, body, _ = await api.call("POST", restock, await api.admin(), {"quantity": 1})
+    assert (status, body["stock"], body["available"]) == (200, STOCK_MAX, STOCK_MAX)
+    _, token = await api.register()
+    status, _ = await api.order(token, product_id)
+    assert status == 201
 
 
 async def test_an_order_is_readable_at_once_and_listed(api: Api) -> None:

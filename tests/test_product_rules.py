@@ -26,6 +26,7 @@ from flashsale.actors.messages import (
     SettleRefund,
 )
 from flashsale.actors.product import (
+    STOCK_MAX,
     Policy,
     ProductState,
     Reply,
@@ -91,8 +92,10 @@ def test_defining_a_product_twice_with_other_terms_is_refused() -> None:
 
 @pytest.mark.parametrize(
     ("stock", "price", "limit", "ends_at_ms"),
-    [(-1, PRICE, 2, END_MS), (5, -1, 2, END_MS), (5, PRICE, 0, END_MS), (5, PRICE, 2, START_MS)],
-    ids=["negative-stock", "negative-price", "no-unit-per-user", "window-ends-as-it-starts"],
+    [(-1, PRICE, 2, END_MS), (STOCK_MAX + 1, PRICE, 2, END_MS), (5, -1, 2, END_MS),
+     (5, PRICE, 0, END_MS), (5, PRICE, 2, START_MS)],
+    ids=["negative-stock", "stock-too-large", "negative-price", "no-unit-per-user",
+         "window-ends-as-it-starts"],
 )
 def test_a_product_with_impossible_terms_is_refused(
     stock: int, price: int, limit: int, ends_at_ms: int
@@ -373,6 +376,14 @@ def test_restock_adds_units_and_rejects_nonsense() -> None:
     sale.run(Restock(3))
     assert sale.counts() == (3, 1, 0) and sale.state.stock == 4
     assert sale.run(Restock(0))[0] is Rejection.VALIDATION_ERROR
+
+
+def test_restock_stops_at_the_most_units_a_sale_holds() -> None:
+    sale = Sale(stock=STOCK_MAX - 5)
+    assert sale.run(Restock(6)) == (Rejection.VALIDATION_ERROR, ())
+    sale.run(Restock(5))
+    assert sale.state.stock == STOCK_MAX
+    assert sale.run(Restock(1)) == (Rejection.VALIDATION_ERROR, ())
 
 
 def test_a_refund_settles_once() -> None:

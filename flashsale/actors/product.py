@@ -37,7 +37,8 @@ from flashsale.actors.messages import (
 )
 
 QUANTITY_MAX = 10
-RESTOCK_MAX = 1_000_000_000
+# The most units a sale ever holds: its counts are stored as PostgreSQL integers (int4).
+STOCK_MAX = 1_000_000_000
 
 
 class Policy(msgspec.Struct, frozen=True):
@@ -152,7 +153,7 @@ def decide(
         case CancelOrder():
             return _cancel(state, cmd, now_ms, policy)
         case Restock(quantity=quantity):
-            if not 1 <= quantity <= RESTOCK_MAX:
+            if not 1 <= quantity <= STOCK_MAX - state.stock:
                 return Rejection.VALIDATION_ERROR
             return (Restocked(quantity, now_ms),)
         case SettleRefund(order_id=order_id, succeeded=succeeded):
@@ -173,7 +174,7 @@ def _define(
         same = state.terms == terms and state.stock == cmd.stock
         return () if same else Rejection.VALIDATION_ERROR
     valid = (
-        cmd.stock >= 0
+        0 <= cmd.stock <= STOCK_MAX
         and terms.price_minor >= 0
         and terms.per_user_limit >= 1
         and terms.sale_starts_at_ms < terms.sale_ends_at_ms

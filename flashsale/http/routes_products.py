@@ -6,6 +6,7 @@ import uuid
 from aiohttp import web
 
 from flashsale.actors.messages import Rejection, Restock
+from flashsale.actors.product import STOCK_MAX
 from flashsale.actors.product_actor import ProductUnavailable
 from flashsale.http.engine import ENGINE
 from flashsale.http.problems import ApiError, rejected
@@ -67,6 +68,8 @@ async def restock(request: web.Request) -> web.Response:
         await engine.catalogue.refresh(row.id)
     except ProductUnavailable as error:
         raise ApiError("unavailable", str(error)) from None
+    if reply is Rejection.VALIDATION_ERROR:
+        raise rejected(reply, f"a sale holds at most {STOCK_MAX} units in all")
     if isinstance(reply, Rejection):
         raise rejected(reply)
     return json_response(engine.catalogue.view(row))

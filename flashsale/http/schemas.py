@@ -8,6 +8,7 @@ from typing import Annotated, TypeVar
 import msgspec
 from aiohttp import web
 
+from flashsale.actors.product import STOCK_MAX
 from flashsale.http.problems import ApiError
 
 # PostgreSQL text cannot hold NUL: refused here, a NUL would fail the query that stores it.
@@ -56,7 +57,7 @@ class ChangePasswordRequest(Request):
 class ProductCreate(Request):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
     price: Annotated[int, msgspec.Meta(ge=0, le=10**12)]
-    stock: Annotated[int, msgspec.Meta(ge=0, le=10**9)]
+    stock: Annotated[int, msgspec.Meta(ge=0, le=STOCK_MAX)]
     sale_starts_at: AwareTime
     sale_ends_at: AwareTime
     currency: Currency = "INR"
@@ -64,7 +65,7 @@ class ProductCreate(Request):
 
 
 class RestockRequest(Request):
-    quantity: Annotated[int, msgspec.Meta(ge=1, le=10**9)]
+    quantity: Annotated[int, msgspec.Meta(ge=1, le=STOCK_MAX)]
 
 
 class OrderCreate(Request):
