@@ -12,7 +12,15 @@ import asyncpg
 import pytest
 import ray
 from aiohttp.test_utils import TestServer
-from helpers import CANCEL_WINDOW_MS, HOLD_TTL_MS, JWT_SECRET, SANDBOX_SECRET, Api, free_port
+from helpers import (
+    CANCEL_WINDOW_MS,
+    HOLD_TTL_MS,
+    JWT_SECRET,
+    SANDBOX_SECRET,
+    Api,
+    ProductFactory,
+    free_port,
+)
 from ray.actor import ActorHandle
 
 from flashsale.actors.messages import DefineProduct, ProductTerms
@@ -106,9 +114,6 @@ def ray_session() -> Iterator[None]:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-ProductFactory = Callable[..., Awaitable[tuple[str, ActorHandle]]]
 
 
 @pytest.fixture

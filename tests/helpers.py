@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ JWT_SECRET = "test-secret-that-is-long-enough-for-hs256-keys"
 SANDBOX_SECRET = "sandbox-webhook-secret-for-tests"
 HOLD_TTL_MS = 600_000
 CANCEL_WINDOW_MS = 2_000
+
+# The `products` fixture: makes a product actor on the test's database, returns its id and handle.
+ProductFactory = Callable[..., Awaitable[tuple[str, ActorHandle]]]
 
 
 class Api:

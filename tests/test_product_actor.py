@@ -6,7 +6,6 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -14,6 +13,7 @@ import msgspec
 import pytest
 import ray
 from helpers import (
+    ProductFactory,
     drop_sessions,
     forgotten,
     live_state,
@@ -57,8 +57,6 @@ from flashsale.persistence.frames import frame
 from flashsale.persistence.orders import order_by_id, order_record
 from flashsale.persistence.replay import rebuild
 from flashsale.persistence.wal import insert_new_orders
-
-ProductFactory = Callable[..., Awaitable[tuple[str, ActorHandle]]]
 
 CallFailed = (ray.exceptions.RayError, ProductUnavailable)
 

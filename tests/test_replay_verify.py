@@ -3,14 +3,12 @@ invariant or disagrees with its read model or snapshot, and reads the orders tab
 many products there are."""
 
 import uuid
-from collections.abc import Awaitable, Callable
 
 import asyncpg
 import msgspec
 import pytest
 import ray
-from helpers import replay_cli
-from ray.actor import ActorHandle
+from helpers import ProductFactory, replay_cli
 
 from flashsale.actors.messages import OrderPlaced, PlaceOrder, event_encoder
 from flashsale.actors.product_actor import now_ms, send
@@ -18,8 +16,6 @@ from flashsale.ids import uuid7
 from flashsale.persistence.frames import frame, unframe
 from flashsale.persistence.replay import decode_state, encode_state, logged_products, reports
 from flashsale.persistence.wal import insert_new_orders
-
-ProductFactory = Callable[..., Awaitable[tuple[str, ActorHandle]]]
 
 
 def place() -> PlaceOrder:
