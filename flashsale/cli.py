@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 import uuid
 
 import asyncpg
@@ -20,6 +21,8 @@ from flashsale.persistence.database import (
 )
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.replay import ProductReport, logged_products, reports
+
+PROGRESS_EVERY_S = 1.0
 
 
 def _serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -95,10 +98,12 @@ async def _replay_async(settings: Settings, product: str | None, verify: bool,
             await conn.execute(NO_QUERY_TIMEOUTS)
             products = [product] if product else await logged_products(conn)
             found: list[ProductReport] = []
+            said_at = time.monotonic()
             async for one in reports(conn, products, verify=verify):
                 found.append(one)
-                if len(products) > 1 and not as_json:
-                    print(f"replayed {len(found)}/{len(products)}", end="\r", file=sys.stderr)
+                if time.monotonic() - said_at >= PROGRESS_EVERY_S:  # a long replay says so
+                    said_at = time.monotonic()
+                    print(f"replayed {len(found)} of {len(products)} products", file=sys.stderr)
         except (*DATABASE_DOWN, asyncpg.PostgresError) as error:
             raise ConfigError(f"replay stopped, the database failed: {error}") from None
         finally:

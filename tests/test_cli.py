@@ -1,16 +1,19 @@
 """The `flashsale` command as a user runs it: a real process, real signals."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import asyncpg
 import pytest
-from helpers import free_port, set_database_default
+from helpers import ProductFactory, free_port, set_database_default
 
+from flashsale import cli
 from flashsale.cli import build_parser
 from flashsale.persistence.embedded import EmbeddedPostgres
 
@@ -200,3 +203,16 @@ def test_replay_of_a_database_without_products_says_so(database_dsn: str) -> Non
     out, err = process.communicate(timeout=30)
     assert process.returncode == 0  # nothing logged is nothing broken
     assert out == "" and err.strip() == "no product has events in the WAL: nothing to replay"
+
+
+async def test_a_long_replay_says_how_far_it_has_got(
+    products: ProductFactory, database_dsn: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    made = sorted([(await products())[0] for _ in range(2)], key=uuid.UUID)
+    monkeypatch.setattr(cli, "PROGRESS_EVERY_S", 0.0)  # as if each product took a while
+    monkeypatch.setenv("FLASHSALE_DATABASE_URL", database_dsn)
+    assert await asyncio.to_thread(cli.main, ["replay", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [report["product_id"] for report in json.loads(out)] == made  # progress stays out
+    assert err.splitlines() == ["replayed 1 of 2 products", "replayed 2 of 2 products"]
