@@ -216,3 +216,19 @@ async def test_a_long_replay_says_how_far_it_has_got(
     out, err = capsys.readouterr()
     assert [report["product_id"] for report in json.loads(out)] == made  # progress stays out
     assert err.splitlines() == ["replayed 1 of 2 products", "replayed 2 of 2 products"]
+
+
+async def test_replay_into_a_closed_pipe_stops_quietly(
+    products: ProductFactory, database_dsn: str
+) -> None:
+    await products()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `flashsale replay | head -1` once head has its line
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "flashsale.cli", "replay", stdout=write_end,
+            stderr=subprocess.PIPE, env={**os.environ, "FLASHSALE_DATABASE_URL": database_dsn})
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert (process.returncode, err) == (1, b"")
