@@ -37,7 +37,7 @@ from flashsale.actors.messages import (
     PlaceOrder,
     ProductTerms,
 )
-from flashsale.actors.product import Policy
+from flashsale.actors.product import STOCK_MAX, Policy
 from flashsale.actors.product_actor import (
     ActorConfig,
     decode_commands,
@@ -59,6 +59,7 @@ HOT_ROW_UPDATE = "UPDATE products SET stock = stock - 1 WHERE id = 1 AND stock >
 CHURN_LANES = 4  # shoppers' rounds in flight at once on the churned sale
 PRICE_MINOR = 100
 HOLD_TTL_MS = 86_400_000
+RESERVING_STOCK = STOCK_MAX  # the reserving actor's sale: room for every reservation
 
 # Sends one batch of encoded commands; returns how many of them reserved a unit.
 BatchCall = Callable[[bytes], Awaitable[int]]
@@ -220,7 +221,9 @@ async def churn(actor: ray.actor.ActorHandle, events: int) -> None:
 async def define(actor: ray.actor.ActorHandle, product_id: str, stock: int) -> None:
     now = now_ms()
     terms = ProductTerms(product_id, PRICE_MINOR, "INR", now - 1_000, now + 86_400_000, 1)
-    await send(actor, [DefineProduct(terms, stock)])
+    [reply] = await send(actor, [DefineProduct(terms, stock)])
+    if reply is not None:
+        raise RuntimeError(f"the sale was refused: {reply!r}")
 
 
 async def recover_after_kill(actor: ray.actor.ActorHandle) -> tuple[float, int]:
@@ -327,7 +330,7 @@ async def measure(server: EmbeddedPostgres, quick: bool, workdir: Path) -> CoreR
 
     hot_id = str(uuid.uuid4())
     hot = product_actor(hot_id, config)
-    await define(hot, hot_id, stock=2_000_000_000)
+    await define(hot, hot_id, stock=RESERVING_STOCK)
     say(f"reserving {reservations:,} units in batches of {BATCH_SIZE:,}")
     meter = CpuMeter(await hot.pid.remote(), server.pid)
     meter.start()

@@ -21,14 +21,20 @@ import bench.__main__ as bench_main
 from bench.audit import ProductFacts, judge
 from bench.core import (
     BATCH_SIZE,
+    RESERVING_STOCK,
     CoreResult,
     CpuPerReservation,
+    define,
     print_table,
+    product_call,
     reservation_batches,
     start_rows_alone,
 )
 from bench.load import Shopper, fire
 from bench.scenarios import build
+from flashsale.actors.product import STOCK_MAX
+from flashsale.actors.product_actor import ActorConfig
+from flashsale.actors.registry import product_actor
 
 STOCKS = {"p": 10}
 CLEAN = {"p": ProductFacts(stock=10, available=0, reserved=6, sold=4)}
@@ -110,6 +116,20 @@ async def test_the_rows_alone_actor_answers_a_batch_only_with_all_its_rows_commi
         await conn.close()
         ray.kill(rows_alone)
     assert reserved == [BATCH_SIZE] * 3 and rows == 3 * BATCH_SIZE
+
+
+async def test_the_reserving_sale_takes_reservations_and_a_refused_sale_stops_the_bench(
+    ray_session: None, database_dsn: str,
+) -> None:
+    product_id = str(uuid.uuid4())
+    actor = product_actor(product_id, ActorConfig(database_dsn))
+    try:
+        with pytest.raises(RuntimeError, match="the sale was refused"):
+            await define(actor, product_id, stock=STOCK_MAX + 1)
+        await define(actor, product_id, stock=RESERVING_STOCK)
+        assert await product_call(actor)(reservation_batches(BATCH_SIZE)[0]) == BATCH_SIZE
+    finally:
+        ray.kill(actor, no_restart=True)
 
 
 @pytest.mark.parametrize(("args", "error"), [
