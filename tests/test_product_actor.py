@@ -638,7 +638,8 @@ async def test_a_batch_whose_screen_hangs_is_answered_503_and_the_next_goes_thro
     products: ProductFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The call's time limit covers the claims' query too: one call is in flight per product,
-    so a hung query must not hold every later command of the product."""
+    so a hung query must not hold every later command of the product. Those waiting behind the
+    call are answered with it, not sent to wait as long again."""
     monkeypatch.setattr(batching, "CALL_TIMEOUT_S", 0.5)
     product_id, actor = await products(stock=10, limit=10)
     screened = 0
@@ -652,8 +653,13 @@ async def test_a_batch_whose_screen_hangs_is_answered_503_and_the_next_goes_thro
 
     batcher = batching.ProductBatcher(product_id, actor, screen, lambda *_: None)
     async with asyncio.timeout(10):
-        with pytest.raises(ProductUnavailable):
-            await batcher.submit(place())
+        in_flight = asyncio.ensure_future(batcher.submit(place()))
+        await asyncio.sleep(0.05)  # its call has left
+        waiting = asyncio.ensure_future(batcher.submit(place()))
+        for answer in (in_flight, waiting):
+            with pytest.raises(ProductUnavailable):
+                await answer
+        assert screened == 1
         assert isinstance(await batcher.submit(place()), OrderRecord)
 
 

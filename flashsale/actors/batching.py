@@ -86,6 +86,10 @@ class ProductBatcher:
                 log.warning("product %s: batch failed", self._product_id, exc_info=True)
             failure = ProductUnavailable(f"product {self._product_id} did not answer: "
                                          f"{type(error).__name__}")
+            if isinstance(error, TimeoutError):
+                # Those waiting behind the call have waited for it; in the next call they would
+                # wait as long again before their 503. Nothing of theirs was sent.
+                batch, self._waiting = batch + self._waiting, []
             for _, future in batch:
                 if not future.done():
                     future.set_exception(failure)
