@@ -39,6 +39,9 @@ async def test_admins_create_sales_and_everyone_reads_them(api: Api) -> None:
     assert status == 200 and product_id in {p["id"] for p in listing}
     assert (await api.call("GET", f"/products/{uuid.uuid4()}"))[0] == 404
     assert (await api.call("GET", "/products/not-a-uuid"))[0] == 404
+    status, body, _ = await api.call("POST", "/products/not-a-uuid/restock", await api.admin(),
+                                     {"quantity": 1})
+    assert (status, body["code"]) == (404, "not_found")
 
     scheduled = await api.sale(starts_in_s=3600)
     assert (await product(api, scheduled))["status"] == "scheduled"
@@ -247,6 +250,9 @@ async def test_another_users_order_does_not_exist_for_them(api: Api) -> None:
     _, page, _ = await api.call("GET", "/orders", mallory)
     assert page["total"] == 0
     assert (await api.call("GET", f"/orders/{order_id}", alice))[1]["status"] == "pending"
+    for method, path in (("GET", "/orders/not-a-uuid"), ("POST", "/orders/not-a-uuid/cancel")):
+        status, body, _ = await api.call(method, path, alice, {})
+        assert (status, body["code"]) == (404, "not_found")
 
 
 async def test_cancel_rules(api: Api) -> None:
