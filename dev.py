@@ -67,7 +67,10 @@ def lint() -> int:
 
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
-        print(__doc__)
+        try:
+            print(__doc__, flush=True)
+        except BrokenPipeError:  # `python3 dev.py --help | head -3`: the reader went away
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     action, args = sys.argv[1], sys.argv[2:]
     ensure_environment()

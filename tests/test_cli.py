@@ -17,6 +17,8 @@ from flashsale import cli
 from flashsale.cli import build_parser
 from flashsale.persistence.embedded import EmbeddedPostgres
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def flashsale(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "flashsale.cli", *args], env=env, text=True,
@@ -232,3 +234,14 @@ async def test_replay_into_a_closed_pipe_stops_quietly(
         os.close(write_end)
     _, err = await asyncio.wait_for(process.communicate(), 60)
     assert (process.returncode, err) == (1, b"")
+
+
+def test_dev_help_into_a_closed_pipe_stops_quietly() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `python3 dev.py --help | head -3` once head has its lines
+    try:
+        process = subprocess.run([sys.executable, str(ROOT / "dev.py"), "--help"],
+                                 stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=30)
+    finally:
+        os.close(write_end)
+    assert (process.returncode, process.stderr) == (0, "")
