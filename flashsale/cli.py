@@ -101,7 +101,7 @@ async def _replay_async(settings: Settings, product: str | None, verify: bool,
             said_at = time.monotonic()
             async for one in reports(conn, products, verify=verify):
                 found.append(one)
-                if time.monotonic() - said_at >= PROGRESS_EVERY_S:  # a long replay says so
+                if len(products) > 1 and time.monotonic() - said_at >= PROGRESS_EVERY_S:
                     said_at = time.monotonic()
                     print(f"replayed {len(found)} of {len(products)} products", file=sys.stderr)
         except (*DATABASE_DOWN, asyncpg.PostgresError) as error:

@@ -218,6 +218,8 @@ async def test_a_long_replay_says_how_far_it_has_got(
     out, err = capsys.readouterr()
     assert [report["product_id"] for report in json.loads(out)] == made  # progress stays out
     assert err.splitlines() == ["replayed 1 of 2 products", "replayed 2 of 2 products"]
+    assert await asyncio.to_thread(cli.main, ["replay", "--product", made[0]]) == 0
+    assert capsys.readouterr().err == ""  # one product: nothing to count
 
 
 async def test_replay_into_a_closed_pipe_stops_quietly(
