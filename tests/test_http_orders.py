@@ -87,8 +87,8 @@ async def test_restock_adds_units(api: Api) -> None:
 
 
 async def test_restock_stops_at_the_most_units_a_sale_holds(api: Api) -> None:
-    """Its counts are stored as PostgreSQL integers: a larger stock could not be logged, and
-    the sale would answer 503 to every restock from then on."""
+    """Its counts are stored as PostgreSQL integers: a restock past them could not be logged,
+    and answered 503 at every try."""
     product_id = await api.sale(stock=STOCK_MAX - 1)
     restock = f"/products/{product_id}/restock"
     status, body, _ = await api.call("POST", restock, await api.admin(), {"quantity": STOCK_MAX})
