@@ -77,10 +77,11 @@ class Api:
         return body["access_token"]
 
     async def sale(self, stock: int = 10, limit: int = 1, starts_in_s: float = -60,
-                   lasts_s: float = 3600) -> str:
+                   lasts_s: float = 3600, currency: str = "INR") -> str:
         start = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=starts_in_s)
         status, body, _ = await self.call("POST", "/products", await self.admin(), {
-            "name": "Test sale", "price": 49_900, "stock": stock, "per_user_limit": limit,
+            "name": "Test sale", "price": 49_900, "currency": currency, "stock": stock,
+            "per_user_limit": limit,
             "sale_starts_at": start.isoformat(),
             "sale_ends_at": (start + dt.timedelta(seconds=lasts_s)).isoformat()})
         assert status == 201, body

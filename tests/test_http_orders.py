@@ -66,6 +66,7 @@ async def test_only_admins_create_or_restock(api: Api) -> None:
     {"sale_starts_at": "2020-01-01T00:00:00Z", "sale_ends_at": "2021-01-01T00:00:00Z"},
     {"sale_starts_at": "2031-01-01T00:00:00Z"},  # ends before it starts
     {"stock": -1}, {"price": 1.5}, {"currency": "rupees"},
+    {"currency": "ZZZ"}, {"currency": "inr"}, {"currency": "XAU"},  # XAU has no minor unit
     {"sale_starts_at": "2026-01-01T00:00:00"},  # no time zone
     {"available": 100}, {"sold": 0},  # read-only fields are refused, never applied
 ])

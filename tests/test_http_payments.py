@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import Any
 
+import pytest
 from conftest import ApiFactory
 from helpers import SANDBOX_SECRET, Api, forgotten
 
@@ -84,6 +85,17 @@ async def test_paying_on_the_checkout_page_confirms_the_order(api: Api) -> None:
     # The session is created once: a second visit offers the same payment.
     _, again = await checkout(api, placed["payment_url"])
     assert again == {}  # the order is settled, so the page has nothing to pay
+
+
+@pytest.mark.parametrize(("currency", "total"), [("JPY", "49900 JPY"), ("KWD", "49.900 KWD")])
+async def test_the_checkout_page_reads_the_price_in_the_currency_s_own_units(
+    api: Api, currency: str, total: str
+) -> None:
+    """A yen has no minor unit and a dinar has three: a price of 49,900 is neither 499.00."""
+    product_id = await api.sale(stock=1, currency=currency)
+    _, placed = await shopper_with_order(api, product_id)
+    page, _ = await checkout(api, placed["payment_url"])
+    assert f"= <strong>{total}</strong>" in page
 
 
 async def test_the_fail_button_fails_the_order_and_releases_the_units(api: Api) -> None:

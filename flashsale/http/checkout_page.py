@@ -7,6 +7,7 @@ import html
 
 import msgspec
 
+from flashsale.money import major_units
 from flashsale.payments.provider import EventKind, PaymentOrder, PaymentProvider
 from flashsale.payments.razorpay_gateway import RazorpayGateway
 from flashsale.payments.sandbox import SIGNATURE_HEADER, SandboxGateway
@@ -67,10 +68,6 @@ _SETTLED = """<!doctype html>
 """
 
 
-def _money(minor: int) -> str:
-    return f"{minor // 100}.{minor % 100:02d}"
-
-
 def settled_page(order_id: str, status: str) -> str:
     return _SETTLED.format(order_id=html.escape(order_id), status=html.escape(status))
 
@@ -88,7 +85,7 @@ def checkout_page(provider: PaymentProvider, order: PaymentOrder, session_id: st
                    "currency": order.currency, "order_id": session_id, "name": "Flash sale",
                    "notes": {"order_id": order.order_id}, "callback": return_url}
         return _RAZORPAY.format(order_id=html.escape(order.order_id),
-                                total=_money(order.amount_minor),
+                                total=major_units(order.amount_minor, order.currency),
                                 currency=html.escape(order.currency),
                                 options=_script_json(options))
     assert isinstance(provider, SandboxGateway)
@@ -97,8 +94,10 @@ def checkout_page(provider: PaymentProvider, order: PaymentOrder, session_id: st
         body = provider.event(kind, order.order_id, session_id, order.amount_minor,
                               order.currency)
         webhooks[which] = {"body": body.decode(), "signature": provider.sign(body)}
+    currency = order.currency
     return _PAGE.format(order_id=html.escape(order.order_id), quantity=quantity,
-                        unit_price=_money(order.amount_minor // quantity),
-                        total=_money(order.amount_minor), currency=html.escape(order.currency),
+                        unit_price=major_units(order.amount_minor // quantity, currency),
+                        total=major_units(order.amount_minor, currency),
+                        currency=html.escape(currency),
                         expires_at=html.escape(expires_at), webhooks=_script_json(webhooks),
                         header=SIGNATURE_HEADER)

@@ -17,6 +17,7 @@ from flashsale.http.schemas import (
     read_body,
     rfc3339,
 )
+from flashsale.money import MINOR_DIGITS
 from flashsale.persistence.products import ProductRow, insert_product
 
 # A sale's terms hold its times as milliseconds since the Unix epoch, and asyncpg would store the
@@ -41,6 +42,9 @@ async def create_product(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     await engine.admin(request)
     body = await read_body(request, ProductCreate)
+    if body.currency not in MINOR_DIGITS:
+        raise ApiError("validation_error", "currency must be an ISO 4217 code with a minor unit, "
+                                           "such as INR, USD or JPY")
     if body.sale_ends_at <= body.sale_starts_at:
         raise ApiError("validation_error", "sale_ends_at must be after sale_starts_at")
     if body.sale_starts_at < SALE_TIMES_FROM or body.sale_ends_at > SALE_TIMES_UNTIL:
