@@ -77,10 +77,10 @@ class Api:
         return body["access_token"]
 
     async def sale(self, stock: int = 10, limit: int = 1, starts_in_s: float = -60,
-                   lasts_s: float = 3600, currency: str = "INR") -> str:
+                   lasts_s: float = 3600, currency: str = "INR", price: int = 49_900) -> str:
         start = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=starts_in_s)
         status, body, _ = await self.call("POST", "/products", await self.admin(), {
-            "name": "Test sale", "price": 49_900, "currency": currency, "stock": stock,
+            "name": "Test sale", "price": price, "currency": currency, "stock": stock,
             "per_user_limit": limit,
             "sale_starts_at": start.isoformat(),
             "sale_ends_at": (start + dt.timedelta(seconds=lasts_s)).isoformat()})
@@ -93,6 +93,11 @@ class Api:
             "POST", "/orders", token, {"product_id": product_id, "quantity": quantity},
             {"X-Idempotency-Key": key or str(uuid.uuid4())})
         return status, body
+
+
+def link_path(payment_url: str) -> str:
+    """A payment link's path and token, to open on the test server."""
+    return "/" + payment_url.split("127.0.0.1", 1)[1].split("/", 1)[1]
 
 
 # Below Linux's ephemeral range (32768 and up) and above Ray's worker ports (10002-19999). A

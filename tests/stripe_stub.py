@@ -10,11 +10,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 SESSION_LIFETIME_MIN_S = 30 * 60
+AMOUNT_MAX = 99_999_999  # eight digits, in any currency
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"type": "invalid_request_error", "message": message}},
                              status=status)
+
+
+def _server_error() -> web.Response:
+    return web.json_response({"error": {"type": "api_error", "message": "boom"}}, status=500)
 
 
 class StripeStub:
@@ -23,6 +28,7 @@ class StripeStub:
         self.refunds: dict[str, dict[str, Any]] = {}  # by idempotency key
         self.expired: list[str] = []
         self.refund_calls = 0
+        self.fail_sessions = 0  # answer this many new checkout sessions with a 500
         self.fail_refunds = 0  # answer this many refund calls with a 500
         self.lose_refund_responses = 0  # apply, then drop the connection, this many times
         app = web.Application()
@@ -41,12 +47,17 @@ class StripeStub:
             return _error(400, "an idempotency key is required here")
         if key in self.sessions:
             return web.json_response(self.sessions[key])
+        if self.fail_sessions:
+            self.fail_sessions -= 1
+            return _server_error()
         form = await request.post()
         amount = int(str(form["line_items[0][price_data][unit_amount]"]))
         currency = str(form["line_items[0][price_data][currency]"])
         expires_at = int(str(form["expires_at"]))
         if amount <= 0 or currency != currency.lower() or len(currency) != 3:
             return _error(400, "bad amount or currency")
+        if amount > AMOUNT_MAX:
+            return _error(400, f"Amount must be no more than {AMOUNT_MAX}")
         if expires_at < time.time() + SESSION_LIFETIME_MIN_S:
             return _error(400, "expires_at must be at least 30 minutes away")
         session_id = f"cs_test_{secrets.token_hex(8)}"
@@ -74,8 +85,7 @@ class StripeStub:
             return _error(400, "an idempotency key is required here")
         if self.fail_refunds:
             self.fail_refunds -= 1
-            return web.json_response({"error": {"type": "api_error", "message": "boom"}},
-                                     status=500)
+            return _server_error()
         form = await request.post()
         if key not in self.refunds:  # a replayed key returns the first refund, never a second
             self.refunds[key] = {

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import ApiFactory
-from helpers import SANDBOX_SECRET, Api, forgotten
+from helpers import SANDBOX_SECRET, Api, forgotten, link_path
 
 from flashsale.actors.messages import Rejection
 from flashsale.http.routes_payments import decide_payment
@@ -23,8 +23,7 @@ PRICE = 49_900
 
 async def checkout(api: Api, payment_url: str) -> tuple[str, dict[str, Any]]:
     """Open the payment link like a browser; returns the page and its pre-signed webhooks."""
-    path = payment_url.split("127.0.0.1", 1)[1].split("/", 1)[1]
-    async with api.session.get("/" + path) as reply:
+    async with api.session.get(link_path(payment_url)) as reply:
         assert reply.status == 200 and reply.content_type == "text/html"
         page = await reply.text()
     match = re.search(r"const webhooks = (\{.*?\});\n", page)

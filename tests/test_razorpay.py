@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from helpers import Api
+from helpers import Api, link_path
 from razorpay_stub import RazorpayStub
 
 from flashsale.payments.razorpay_gateway import RazorpayGateway
@@ -54,8 +54,7 @@ def captured(order_id: str, razorpay_order: str, amount: int = PRICE) -> bytes:
 
 
 async def open_checkout(api: Api, payment_url: str) -> str:
-    path = "/" + payment_url.split("127.0.0.1", 1)[1].split("/", 1)[1]
-    async with api.session.get(path) as reply:
+    async with api.session.get(link_path(payment_url)) as reply:
         assert reply.status == 200 and reply.content_type == "text/html"
         return await reply.text()
 
@@ -77,6 +76,17 @@ async def test_checkout_uses_one_razorpay_order_per_order(api: Api, stub: Razorp
         PRICE, "INR", placed["order_id"])
     assert "checkout.razorpay.com/v1/checkout.js" in page
     assert order["id"] in page and KEY_ID in page and KEY_SECRET not in page
+
+
+async def test_an_amount_razorpay_refuses_is_not_an_outage(api: Api, stub: RazorpayStub) -> None:
+    """Razorpay takes at least a rupee: a link to a cheaper order is refused, not retried."""
+    _, token = await api.register()
+    _, placed = await api.order(token, await api.sale(price=50))
+    async with api.session.get(link_path(placed["payment_url"])) as reply:
+        problem = await reply.json(content_type=None)
+        assert (reply.status, problem["code"]) == (502, "payment_refused")
+        assert "at least 100 paise" in problem["detail"] and "Retry-After" not in reply.headers
+    assert stub.orders == []
 
 
 async def test_a_captured_payment_confirms_once_per_event_id(api: Api,

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import stripe
-from helpers import Api
-from stripe_stub import StripeStub
+from helpers import Api, link_path
+from stripe_stub import AMOUNT_MAX, StripeStub
 
 from flashsale.payments.stripe_gateway import StripeGateway
 
@@ -47,8 +47,7 @@ async def deliver(api: Api, body: bytes, secret: str = WEBHOOK_SECRET,
 
 
 async def visit(api: Api, payment_url: str) -> tuple[int, str]:
-    path = "/" + payment_url.split("127.0.0.1", 1)[1].split("/", 1)[1]
-    async with api.session.get(path, allow_redirects=False) as reply:
+    async with api.session.get(link_path(payment_url), allow_redirects=False) as reply:
         return reply.status, reply.headers.get("Location", "")
 
 
@@ -98,6 +97,26 @@ async def test_checkout_redirects_to_one_session_and_payment_confirms(
     _, order, _ = await api.call("GET", f"/orders/{order_id}", token)
     assert (order["status"], order["payment_provider"], order["payment_id"]) == (
         "confirmed", "stripe", session["payment_intent"])
+
+
+async def test_a_gateway_outage_asks_for_a_retry_and_a_refusal_does_not(
+    make_api: Any, stub: StripeStub
+) -> None:
+    """A 500 passes; a price above the most Stripe takes is refused again at every retry."""
+    api = await stripe_api(make_api, stub)
+    _, token = await api.register()
+    payable, too_dear = [(await api.order(token, await api.sale(price=price)))[1]["payment_url"]
+                         for price in (PRICE, AMOUNT_MAX + 1)]
+    stub.fail_sessions = 1
+    async with api.session.get(link_path(payable), allow_redirects=False) as reply:
+        assert (reply.status, reply.headers.get("Retry-After")) == (503, "1")
+    assert (await visit(api, payable))[0] == 303
+    for _ in range(2):
+        async with api.session.get(link_path(too_dear), allow_redirects=False) as reply:
+            problem = await reply.json(content_type=None)
+            assert (reply.status, problem["code"]) == (502, "payment_refused")
+            assert "Retry-After" not in reply.headers
+            assert f"no more than {AMOUNT_MAX}" in problem["detail"]
 
 
 async def test_unsigned_forged_or_stale_webhooks_are_refused(

@@ -32,6 +32,7 @@ STATUS_OF: dict[str, int] = {
     "idempotency_key_reused": 422,
     "rate_limited": 429,
     "internal_error": 500,
+    "payment_refused": 502,
     "unavailable": 503,
 }
 
@@ -56,6 +57,7 @@ TITLE_OF: dict[str, str] = {
     "idempotency_key_reused": "The idempotency key was used for a different request",
     "rate_limited": "Too many requests",
     "internal_error": "Internal error",
+    "payment_refused": "The payment gateway refused this payment",
     "unavailable": "Temporarily unavailable, retry shortly",
 }
 

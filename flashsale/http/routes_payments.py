@@ -25,6 +25,7 @@ from flashsale.payments.provider import (
     BadSignature,
     EventKind,
     GatewayError,
+    GatewayRefused,
     PaymentEvent,
     PaymentOrder,
 )
@@ -56,6 +57,8 @@ async def pay(request: web.Request) -> web.StreamResponse:
     if session is None:
         try:
             checkout = await provider.start_checkout(payment, return_url)
+        except GatewayRefused as error:
+            raise ApiError("payment_refused", f"the payment gateway refused it: {error}") from None
         except GatewayError as error:
             raise ApiError("unavailable", f"the payment gateway did not answer: {error}") from None
         session = await keep_payment_session(engine.db, order_id, provider.name,

@@ -43,6 +43,11 @@ class GatewayError(Exception):
     """The gateway refused or did not answer; the caller retries later."""
 
 
+class GatewayRefused(GatewayError):
+    """The gateway answered and refused the request as made (an amount out of its range, say):
+    the same request will be refused again, so a shopper gains nothing by retrying it."""
+
+
 class PaymentProvider(Protocol):
     name: str
     signature_header: str  # the webhook header holding the signature

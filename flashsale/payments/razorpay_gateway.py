@@ -17,6 +17,7 @@ from flashsale.payments.provider import (
     Checkout,
     EventKind,
     GatewayError,
+    GatewayRefused,
     PaymentEvent,
     PaymentOrder,
 )
@@ -70,8 +71,10 @@ class RazorpayGateway:
         try:
             return await loop.run_in_executor(
                 self._pool, lambda: fn(*args, **kwargs, timeout=self._timeout_s))
-        except (razorpay.errors.BadRequestError, razorpay.errors.GatewayError,
-                razorpay.errors.ServerError, requests.RequestException, ValueError) as error:
+        except razorpay.errors.BadRequestError as error:
+            raise GatewayRefused(f"razorpay: {error}") from None
+        except (razorpay.errors.GatewayError, razorpay.errors.ServerError,
+                requests.RequestException, ValueError) as error:
             raise GatewayError(f"razorpay: {error!r}") from None
 
     async def start_checkout(self, order: PaymentOrder, return_url: str) -> Checkout:

@@ -12,6 +12,7 @@ from flashsale.payments.provider import (
     Checkout,
     EventKind,
     GatewayError,
+    GatewayRefused,
     PaymentEvent,
     PaymentOrder,
 )
@@ -81,6 +82,8 @@ class StripeGateway:
                 "success_url": return_url,
                 "cancel_url": return_url,
             }, options={"idempotency_key": f"checkout-{order.order_id}"})
+        except stripe.InvalidRequestError as error:
+            raise GatewayRefused(f"stripe: {error}") from None
         except stripe.StripeError as error:
             raise GatewayError(f"stripe: {error}") from None
         return Checkout(session.id, session.url)
