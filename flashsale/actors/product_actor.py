@@ -188,12 +188,14 @@ class ProductActor:
         if not self._retirable():
             return
         log.info("product %s: sale ended and idle; retiring its actor", self._product_id)
-        # Its tasks end before its process does, which asyncio would report as an error. The
-        # closed writer refuses a call that comes meanwhile (a 503, and the retry finds the
-        # actor gone).
+        # Its tasks and its I/O thread end before its process does: asyncio would report the
+        # tasks as an error, and the thread could crash the exit. The closed writer refuses a
+        # call that comes meanwhile (a 503, and the retry finds the actor gone).
         assert self._writer is not None
         await self._writer.close()
         await stop_task(self._timer)
+        self._io.loop.call_soon_threadsafe(self._writer.conn.terminate)
+        self._io.stop()
         ray.actor.exit_actor()
 
     async def _decide_durably(self, commands: list[Command]) -> list[Reply]:
