@@ -16,6 +16,8 @@ WORKERS_MAX = 64
 # (RFC 7518, 3.2); PyJWT warns of shorter ones.
 SECRET_BYTES_MIN = 32
 SECRETS = ("FLASHSALE_JWT_SECRET", "FLASHSALE_SANDBOX_WEBHOOK_SECRET")
+# Stripe opens a checkout session for at most 24 hours: a hold that outlived it could not be paid.
+STRIPE_HOLD_TTL_MAX_S = 86_400
 
 
 class ConfigError(Exception):
@@ -126,6 +128,10 @@ def load_settings(env: dict[str, str] | None = None, **flags: object) -> Setting
     if provider == "stripe" and not stripe_keys:
         raise ConfigError("FLASHSALE_PAYMENT_PROVIDER=stripe needs STRIPE_API_KEY and "
                           "STRIPE_WEBHOOK_SECRET")
+    hold_ttl_s = _int(env, "FLASHSALE_HOLD_TTL_S", 900, 1, 7 * 86_400)
+    if provider == "stripe" and hold_ttl_s > STRIPE_HOLD_TTL_MAX_S:
+        raise ConfigError(f"FLASHSALE_HOLD_TTL_S is at most {STRIPE_HOLD_TTL_MAX_S} with stripe, "
+                          "whose checkout sessions last at most 24 hours")
     for name in SECRETS:
         if 0 < len(env.get(name, "").encode()) < SECRET_BYTES_MIN:
             raise ConfigError(f"{name} must be at least {SECRET_BYTES_MIN} bytes long")
@@ -139,7 +145,7 @@ def load_settings(env: dict[str, str] | None = None, **flags: object) -> Setting
         "database_url": env.get("FLASHSALE_DATABASE_URL") or None,
         "ray_address": env.get("RAY_ADDRESS") or None,
         "bcrypt_rounds": _int(env, "FLASHSALE_BCRYPT_ROUNDS", 12, 4, 31),
-        "hold_ttl_s": _int(env, "FLASHSALE_HOLD_TTL_S", 900, 1, 7 * 86_400),
+        "hold_ttl_s": hold_ttl_s,
         "cancel_window_s": _int(env, "FLASHSALE_CANCEL_WINDOW_S", 86_400, 0, 365 * 86_400),
         "payment_provider": provider,
         "public_url": _public_url(env.get("FLASHSALE_PUBLIC_URL") or None),

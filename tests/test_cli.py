@@ -80,6 +80,10 @@ def test_an_unreachable_ray_cluster_stops_the_start_with_one_line(database_dsn: 
     ({"FLASHSALE_JWT_SECRET": "x" * 31}, "FLASHSALE_JWT_SECRET must be at least 32 bytes long"),
     ({"FLASHSALE_SANDBOX_WEBHOOK_SECRET": "x" * 31},
      "FLASHSALE_SANDBOX_WEBHOOK_SECRET must be at least 32 bytes long"),
+    ({"FLASHSALE_PAYMENT_PROVIDER": "stripe", "STRIPE_API_KEY": "sk_test_x",
+      "STRIPE_WEBHOOK_SECRET": "whsec_x", "FLASHSALE_HOLD_TTL_S": "86401"},
+     "FLASHSALE_HOLD_TTL_S is at most 86400 with stripe, whose checkout sessions last at most "
+     "24 hours"),
     ({"FLASHSALE_TRUSTED_PROXIES": "10.0.0.1, lb.example.com"},
      "FLASHSALE_TRUSTED_PROXIES must list addresses or networks (such as 10.0.0.0/8), got "
      "'lb.example.com'"),
