@@ -9,6 +9,8 @@ import jwt
 import pytest
 from helpers import JWT_SECRET, Api
 
+from flashsale.persistence.users import drop_spent_refresh_tokens
+
 
 async def test_register_then_login_returns_tokens_and_the_user(api: Api) -> None:
     status, user, _ = await api.call("POST", "/auth/register", body={
@@ -86,6 +88,26 @@ async def test_refresh_tokens_rotate_and_work_once(api: Api) -> None:
     assert (status, body["code"]) == (401, "invalid_token")
     status, _, _ = await api.call("POST", "/auth/refresh", body={"refresh_token": "garbage"})
     assert status == 401
+
+
+async def test_refresh_tokens_that_can_no_longer_be_used_are_dropped(api: Api) -> None:
+    """Every login and refresh stores a token: the spent and the expired are swept."""
+    email, _ = await api.register()
+    logins = [(await api.call("POST", "/auth/login",
+                              body={"email": email, "password": "sale-day-1"}))[1]
+              for _ in range(3)]
+    spent, expired, live = (login["refresh_token"] for login in logins)
+    status, fresh, _ = await api.call("POST", "/auth/refresh", body={"refresh_token": spent})
+    assert status == 200
+    db = api.engine.db
+    await db.execute("UPDATE refresh_tokens SET expires_at = now() WHERE id = $1",
+                     uuid.UUID(expired.partition(".")[0]))
+
+    assert await drop_spent_refresh_tokens(db) == 2
+    for token, works in ((spent, False), (expired, False), (live, True),
+                         (fresh["refresh_token"], True)):
+        status, _, _ = await api.call("POST", "/auth/refresh", body={"refresh_token": token})
+        assert (status == 200) is works, token
 
 
 async def test_patch_me_changes_the_profile_but_not_the_email(api: Api) -> None:

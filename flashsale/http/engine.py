@@ -25,15 +25,16 @@ from flashsale.payments.provider import PaymentProvider
 from flashsale.payments.worker import PaymentWorker
 from flashsale.persistence.database import DATABASE_DOWN, create_pool
 from flashsale.persistence.orders import claim_keys, drop_spent_claims, order_record
+from flashsale.persistence.users import drop_spent_refresh_tokens
 from flashsale.tasks import Outage, repeat, stop_task
 
 log = logging.getLogger(__name__)
 
 POOL_SIZE_MAX = 10
-SPENT_CLAIMS_SWEEP_S = 3600.0
+SPENT_SWEEP_S = 3600.0
 # Soon after start, so that a server restarted more often than hourly still sweeps, but not in
 # the start itself, which the first sweep of a large table would slow.
-SPENT_CLAIMS_FIRST_SWEEP_S = 60.0
+SPENT_FIRST_SWEEP_S = 60.0
 
 
 class Engine:
@@ -105,16 +106,20 @@ class Engine:
         await self.catalogue.start()
         if self._upkeep:
             self.payment_worker.start()
-            outage = Outage(log, "idempotency key sweep", "spent keys stay meanwhile",
+            outage = Outage(log, "sweep of spent keys and tokens", "they stay meanwhile",
                             DATABASE_DOWN)
             self._rounds.append(asyncio.get_running_loop().create_task(
-                repeat(lambda: drop_spent_claims(self.db), SPENT_CLAIMS_SWEEP_S, outage,
-                       first_after_s=SPENT_CLAIMS_FIRST_SWEEP_S)))
+                repeat(self._drop_spent, SPENT_SWEEP_S, outage,
+                       first_after_s=SPENT_FIRST_SWEEP_S)))
         if self.limiter is not None:
             outage = Outage(log, "rate limit sweep", "ended windows stay meanwhile",
                             DATABASE_DOWN)
             self._rounds.append(asyncio.get_running_loop().create_task(
                 repeat(self.limiter.sweep, SWEEP_INTERVAL_S, outage)))
+
+    async def _drop_spent(self) -> None:
+        await drop_spent_claims(self.db)
+        await drop_spent_refresh_tokens(self.db)
 
     async def stop(self) -> None:
         for task in self._rounds:

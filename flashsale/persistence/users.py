@@ -71,6 +71,15 @@ async def issue_refresh_token(db: asyncpg.Pool | asyncpg.Connection, user_id: st
     return f"{token_id}.{secret}"
 
 
+async def drop_spent_refresh_tokens(db: asyncpg.Pool) -> int:
+    """Drop the refresh tokens that can no longer be used (spent, ended by a new password, or
+    expired); returns how many. Every login and every refresh makes one, so a sale's crowd would
+    otherwise leave rows behind for good."""
+    status = await db.execute(
+        "DELETE FROM refresh_tokens WHERE used_at IS NOT NULL OR expires_at <= now()")
+    return int(status.split()[-1])
+
+
 def _token_id(token: str) -> uuid.UUID | None:
     try:
         return uuid.UUID(token.partition(".")[0])
