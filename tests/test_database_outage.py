@@ -7,6 +7,7 @@ import time
 from collections import Counter
 
 import asyncpg
+import psutil
 import pytest
 from conftest import ApiFactory
 from helpers import drop_sessions, set_database_default
@@ -15,7 +16,7 @@ from flashsale.config import DEFAULT_LIMITS
 from flashsale.http.auth import DeactivatedUsers
 from flashsale.payments.sandbox import SandboxGateway
 from flashsale.payments.worker import PaymentWorker
-from flashsale.persistence.database import LOCK_WAIT_MAX_S, create_pool
+from flashsale.persistence.database import LOCK_WAIT_MAX_S, QUERY_WAIT_MAX_S, create_pool
 from flashsale.persistence.embedded import EmbeddedPostgres
 
 
@@ -112,6 +113,34 @@ async def test_a_lock_held_long_is_answered_503_never_500_and_never_a_hang(
             assert (status, answer["code"], headers["Retry-After"]) == (503, "unavailable", "1")
     finally:
         await holder.close()
+    status, me, _ = await api.call("GET", "/auth/me", token)
+    assert (status, me["email"]) == (200, email)
+
+
+async def test_a_frozen_database_is_answered_503_never_a_hang(
+    own_database: EmbeddedPostgres, make_api: ApiFactory
+) -> None:
+    """A database that stops answering (its disk stalls, say) is not waited for: reads as well
+    as orders are told to retry. Every process of the server is stopped, then resumed."""
+    api = await make_api(dsn=own_database.dsn())
+    product_id = await api.sale(stock=5)
+    email, token = await api.register()
+    postmaster = psutil.Process(own_database.pid)
+    frozen = [postmaster, *postmaster.children()]
+    for process in frozen:
+        process.suspend()
+    try:
+        for method, path, body in [
+            ("GET", "/orders", None),
+            ("POST", "/orders", {"product_id": product_id, "quantity": 1}),
+        ]:
+            async with asyncio.timeout(3 * QUERY_WAIT_MAX_S + 10):
+                status, answer, headers = await api.call(method, path, token, body,
+                                                         {"X-Idempotency-Key": "frozen"})
+            assert (status, answer["code"], headers["Retry-After"]) == (503, "unavailable", "1")
+    finally:
+        for process in frozen:
+            process.resume()
     status, me, _ = await api.call("GET", "/auth/me", token)
     assert (status, me["email"]) == (200, email)
 

@@ -19,6 +19,7 @@ from aiohttp.typedefs import Middleware
 
 from flashsale.config import Limit, Network
 from flashsale.http.problems import ApiError
+from flashsale.persistence.database import SWEEP_WAIT_MAX_S
 
 SWEEP_INTERVAL_S = 60.0  # how often a front end drops the counts of ended windows
 COUNTS_WAITING_MAX = 10_000  # requests waiting for the next shared count; more are a 503
@@ -141,7 +142,8 @@ class SharedCounts:
         return counts
 
     async def sweep(self, windows: dict[str, int]) -> None:
-        await self._db.execute(_SWEEP, list(windows), list(windows.values()))
+        await self._db.execute(_SWEEP, list(windows), list(windows.values()),
+                               timeout=SWEEP_WAIT_MAX_S)
 
 
 class RateLimiter:

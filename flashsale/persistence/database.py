@@ -54,6 +54,12 @@ NO_QUERY_TIMEOUTS = "SET statement_timeout = 0; SET lock_timeout = 0"
 # How long a request waits for a lock (an operator's migration, a long report) before it is
 # answered 503, where the database sets no lock_timeout of its own: as long as an actor call.
 LOCK_WAIT_MAX_S = 5
+# How long a pool's query may take before it fails as DATABASE_DOWN (a 503 for a request): a
+# server that stops answering (a stalled disk, a frozen machine) is not waited for. asyncpg
+# waits as long again for the server to take the cancel, so such a query fails within 10 s.
+# The hourly sweeps, which may take longer, say how long they may take.
+QUERY_WAIT_MAX_S = 5
+SWEEP_WAIT_MAX_S = 600
 
 # One statement, set where the server has the setting (idle_session_timeout came with
 # PostgreSQL 14, tcp_user_timeout with 12), and where given only from the value in the third
@@ -134,7 +140,9 @@ async def create_pool(dsn: str, init_size: int, max_size: int) -> asyncpg.Pool:
     with a floor restores it in the background and, through a database outage, logs a
     traceback at every failed try (5 in 20 s); the engine's own tasks say it once."""
     return await asyncpg.create_pool(dsn, init_size=init_size, min_size=0, max_size=max_size,
-                                     init=configure_session, reset=_keep_session)
+                                     timeout=CONNECT_TIMEOUT_S, command_timeout=QUERY_WAIT_MAX_S,
+                                     init=configure_session,
+                                     reset=_keep_session)
 
 
 async def connect(dsn: str) -> asyncpg.Connection:

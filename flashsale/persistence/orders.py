@@ -3,6 +3,7 @@
 import asyncpg
 
 from flashsale.actors.messages import OrderRecord, OrderStatus, RefundStatus
+from flashsale.persistence.database import SWEEP_WAIT_MAX_S
 
 _COLUMNS = """o.id::text, o.user_id::text, o.product_id::text, o.idempotency_key, o.quantity,
     o.unit_price_minor, o.currency, o.status, o.payment_id, o.refund_status,
@@ -95,5 +96,6 @@ async def drop_spent_claims(db: asyncpg.Pool) -> int:
     status = await db.execute(
         """DELETE FROM key_claims c USING products p
            WHERE p.id = c.product_id AND p.sale_ends_at < now() - interval '1 day'
-             AND NOT EXISTS (SELECT FROM orders o WHERE o.id = c.order_id)""")
+             AND NOT EXISTS (SELECT FROM orders o WHERE o.id = c.order_id)""",
+        timeout=SWEEP_WAIT_MAX_S)
     return int(status.split()[-1])

@@ -7,6 +7,8 @@ import uuid
 
 import asyncpg
 
+from flashsale.persistence.database import SWEEP_WAIT_MAX_S
+
 REFRESH_TTL = dt.timedelta(days=30)
 USER_COLUMNS = "id::text, email, full_name, phone, address, is_active, is_admin, created_at"
 
@@ -76,7 +78,8 @@ async def drop_spent_refresh_tokens(db: asyncpg.Pool) -> int:
     expired); returns how many. Every login and every refresh makes one, so a sale's crowd would
     otherwise leave rows behind for good."""
     status = await db.execute(
-        "DELETE FROM refresh_tokens WHERE used_at IS NOT NULL OR expires_at <= now()")
+        "DELETE FROM refresh_tokens WHERE used_at IS NOT NULL OR expires_at <= now()",
+        timeout=SWEEP_WAIT_MAX_S)
     return int(status.split()[-1])
 
 
