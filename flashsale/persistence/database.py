@@ -141,8 +141,7 @@ async def create_pool(dsn: str, init_size: int, max_size: int) -> asyncpg.Pool:
     traceback at every failed try (5 in 20 s); the engine's own tasks say it once."""
     return await asyncpg.create_pool(dsn, init_size=init_size, min_size=0, max_size=max_size,
                                      timeout=CONNECT_TIMEOUT_S, command_timeout=QUERY_WAIT_MAX_S,
-                                     init=configure_session,
-                                     reset=_keep_session)
+                                     init=configure_session, reset=_keep_session)
 
 
 async def connect(dsn: str) -> asyncpg.Connection:
