@@ -33,14 +33,24 @@ _PAGE = """<!doctype html>
 <script>
 const webhooks = {webhooks};
 async function send(which) {{
-  document.querySelectorAll("button").forEach(b => b.disabled = true);
-  const reply = await fetch("/webhooks/sandbox", {{method: "POST",
-    headers: {{"Content-Type": "application/json", "{header}": webhooks[which].signature}},
-    body: webhooks[which].body}});
-  document.getElementById("result").textContent = reply.ok
-    ? "Sent: the gateway reported the payment " + (which === "pay" ? "captured." : "failed.")
-    : "The engine answered " + reply.status + "; try again.";
-  if (reply.ok) setTimeout(() => location.reload(), 800);
+  const buttons = document.querySelectorAll("button");
+  const result = document.getElementById("result");
+  buttons.forEach(b => b.disabled = true);
+  let reply = null;
+  try {{
+    reply = await fetch("/webhooks/sandbox", {{method: "POST",
+      headers: {{"Content-Type": "application/json", "{header}": webhooks[which].signature}},
+      body: webhooks[which].body}});
+  }} catch (error) {{}}  // the engine could not be reached: said below
+  if (reply && reply.ok) {{
+    result.textContent = "Sent: the gateway reported the payment "
+      + (which === "pay" ? "captured." : "failed.");
+    setTimeout(() => location.reload(), 800);
+    return;
+  }}
+  result.textContent = (reply ? "The engine answered " + reply.status
+                              : "The engine could not be reached") + "; try again.";
+  buttons.forEach(b => b.disabled = false);
 }}
 document.getElementById("pay").onclick = () => send("pay");
 document.getElementById("fail").onclick = () => send("fail");
