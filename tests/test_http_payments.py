@@ -266,6 +266,15 @@ async def test_payment_links_are_signed_per_order(api: Api) -> None:
     assert (await api.call("GET", "/webhooks/health"))[:2] == (200, {"status": "ok"})
 
 
+async def test_a_lapsed_payment_link_shows_how_its_order_ended(make_api: ApiFactory) -> None:
+    """A shopper who opens the link after the hold lapsed sees a page, not a token error."""
+    api = await make_api(hold_ttl_ms=1_000)
+    token, placed = await shopper_with_order(api, await api.sale(stock=1))
+    await wait_for(api, token, placed["order_id"], "status", "expired")
+    page, webhooks = await checkout(api, placed["payment_url"])
+    assert "Order expired" in page and placed["order_id"] in page and webhooks == {}
+
+
 async def test_orders_the_product_forgot_still_answer_retries_payments_and_cancels(
     make_api: ApiFactory,
 ) -> None:
