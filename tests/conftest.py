@@ -34,7 +34,7 @@ from flashsale.payments.provider import PaymentProvider
 from flashsale.payments.sandbox import SandboxGateway
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
-from flashsale.persistence.products import all_products
+from flashsale.persistence.products import products_written_since
 from flashsale.persistence.replay import logged_products, reports
 
 TEMPLATE = "flashsale_template"
@@ -174,7 +174,7 @@ async def make_api(ray_session: None, database_dsn: str) -> AsyncIterator[ApiFac
     for server, session, engine in running:
         await session.close()
         await server.close()
-        for product_id in [row.id for row in await all_products(engine.db)]:
+        for product_id in [row.id for row in (await products_written_since(engine.db, 0))[0]]:
             ray.kill(engine.router.actor(product_id), no_restart=True)
         await engine.stop()
 

@@ -23,7 +23,8 @@ from flashsale.ids import uuid7
 from flashsale.persistence.database import create_pool
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
-from flashsale.persistence.products import committed_counts, insert_product
+from flashsale.persistence.products import counts_written_since, insert_product
+from flashsale.persistence.wal import keep_counts
 
 
 async def test_counts_come_back_after_a_postgres_restart_and_the_outage_is_logged_once(
@@ -99,14 +100,15 @@ async def test_a_refresh_that_fails_for_an_unknown_reason_does_not_end_the_refre
         await catalogue.start()
         failures = 0
 
-        async def failing_once(pool: asyncpg.Pool) -> dict[str, ProductCounts]:
+        async def failing_once(pool: asyncpg.Pool,
+                               horizon: int) -> tuple[dict[str, ProductCounts], int]:
             nonlocal failures
             if failures == 0:
                 failures += 1
                 raise RuntimeError("a bug in one refresh")
-            return await committed_counts(pool)
+            return await counts_written_since(pool, horizon)
 
-        monkeypatch.setattr(catalogue_module, "committed_counts", failing_once)
+        monkeypatch.setattr(catalogue_module, "counts_written_since", failing_once)
         caplog.set_level(logging.WARNING, logger="flashsale.http.catalogue")
         await asyncio.sleep(0.7)  # the refresh fails once
         assert failures == 1
@@ -122,6 +124,39 @@ async def test_a_refresh_that_fails_for_an_unknown_reason_does_not_end_the_refre
         assert failed[0].exc_info is not None  # a bug, not an outage: its traceback is logged
     finally:
         ray.kill(router.actor(row.id), no_restart=True)
+        await db.close()
+
+
+async def test_a_read_from_its_horizon_finds_every_write_since_commits_in_flight_too(
+    database_dsn: str,
+) -> None:
+    """Front ends read only the counts written since their last read. A commit still in flight
+    as they read (`slow`'s, begun before `brisk`'s, which has committed) is found the next time,
+    and counts that did not change (`quiet`'s) are not read again."""
+    db = await create_pool(database_dsn, init_size=1, max_size=2)
+    first, second = await asyncpg.connect(database_dsn), await asyncpg.connect(database_dsn)
+    quiet, slow, brisk = (str(uuid.uuid4()) for _ in range(3))
+    new = ProductCounts(10, 9, 1, 0, 2)
+    try:
+        for product_id in (quiet, slow, brisk):
+            await keep_counts(first, product_id, ProductCounts(10, 10, 0, 0, 1))
+        everything, horizon = await counts_written_since(db, 0)
+        assert everything.keys() == {quiet, slow, brisk}
+        async with first.transaction():
+            await keep_counts(first, slow, new)
+            await keep_counts(second, brisk, new)
+            during, horizon = await counts_written_since(db, horizon)
+        after, horizon = await counts_written_since(db, horizon)
+        again, _ = await counts_written_since(db, horizon)
+        assert during == {brisk: new}
+        assert after[slow] == new and quiet not in after  # `brisk` may be read twice
+        assert again == {}
+        # A horizon ahead of the database's (one restored from a backup) reads it all again.
+        restored, _ = await catalogue_module._written_since(counts_written_since, db, 2**62)
+        assert restored.keys() == {quiet, slow, brisk}
+    finally:
+        await first.close()
+        await second.close()
         await db.close()
 
 

@@ -1,12 +1,15 @@
 """The front end's view of the sales: catalogue rows and counts from PostgreSQL, so a product
 read costs no Ray call (≤ 1 s stale). Counts arrive with every batch a sale's actor answers,
-and every commit of a sale's write-ahead log records them in `product_counts`, which is read
-for all sales at once twice a second; only a sale with no counts there is asked directly."""
+and every commit of a sale's write-ahead log records them in `product_counts`. Twice a second
+the front end reads the sales and counts written since its last read, so its cost follows the
+sales that change, not all those ever made; only a sale with no counts there is asked directly."""
 
 import asyncio
 import contextlib
 import datetime as dt
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
 
@@ -18,16 +21,17 @@ from flashsale.http.schemas import ProductView, rfc3339
 from flashsale.persistence.database import DATABASE_DOWN
 from flashsale.persistence.products import (
     ProductRow,
-    all_products,
-    committed_counts,
+    counts_written_since,
     product_by_id,
+    products_written_since,
 )
 from flashsale.tasks import Outage, repeat, stop_task
 
 log = logging.getLogger(__name__)
 
 COUNTS_REFRESH_S = 0.5
-ROWS_RELOAD_EVERY = 10  # counts refreshes between catalogue reloads (new sales elsewhere)
+
+T = TypeVar("T")
 
 
 def sale_status(row: ProductRow, now: dt.datetime) -> str:
@@ -43,12 +47,11 @@ class Catalogue:
         self._rows: dict[str, ProductRow] = {}
         self._counts: dict[str, ProductCounts] = {}
         self._task: asyncio.Task[None] | None = None
-        self._rounds = 0
+        self._rows_horizon = self._counts_horizon = 0  # see `products_written_since`
         router.on_counts = self._hear
 
     async def start(self) -> None:
-        await self._reload_rows()
-        await self._refresh_counts()
+        await self._refresh()
         outage = Outage(log, "catalogue refresh", "counts shown may be stale", DATABASE_DOWN)
         self._task = asyncio.get_running_loop().create_task(
             repeat(self._refresh, COUNTS_REFRESH_S, outage))
@@ -95,20 +98,14 @@ class Catalogue:
         return [self.view(row) for row in self._rows.values() if row.id in self._counts]
 
     async def _refresh(self) -> None:
-        self._rounds += 1
-        if self._rounds % ROWS_RELOAD_EVERY == 0:
-            await self._reload_rows()
-        await self._refresh_counts()
-
-    async def _reload_rows(self) -> None:
-        self._rows.update({row.id: row for row in await all_products(self._db)})
-
-    async def _refresh_counts(self) -> None:
-        committed = await committed_counts(self._db)
-        for product_id, counts in committed.items():
-            if product_id in self._rows:
-                self._hear(product_id, counts)
-        await self._ask_actors([row for row in self._rows.values() if row.id not in committed])
+        """The sales (new ones made elsewhere) and the counts written since the last refresh."""
+        rows, self._rows_horizon = await _written_since(products_written_since, self._db,
+                                                        self._rows_horizon)
+        self._rows.update({row.id: row for row in rows})
+        counts, self._counts_horizon = await _written_since(counts_written_since, self._db,
+                                                            self._counts_horizon)
+        self._counts.update(counts)
+        await self._ask_actors([row for row in self._rows.values() if row.id not in self._counts])
 
     async def _ask_actors(self, rows: list[ProductRow]) -> None:
         """Sales whose definition was never committed, or whose actor has not run since the
@@ -125,3 +122,13 @@ class Catalogue:
                     await self.define(row)
                 continue
             self._hear(row.id, counts)
+
+
+async def _written_since(read: Callable[[asyncpg.Pool, int], Awaitable[tuple[T, int]]],
+                         db: asyncpg.Pool, horizon: int) -> tuple[T, int]:
+    """What `read` finds from `horizon` on. Horizons only move forward: one that went back means
+    the database did (restored from a backup, say), and everything is read again."""
+    found, reached = await read(db, horizon)
+    if reached < horizon:
+        found, reached = await read(db, 0)
+    return found, reached

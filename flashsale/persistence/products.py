@@ -35,7 +35,7 @@ def _epoch_ms(moment: dt.datetime) -> int:
 
 
 def _row(record: asyncpg.Record) -> ProductRow:
-    fields = dict(record)
+    fields = {name: record[name] for name in ProductRow.__struct_fields__}
     for name in ("sale_starts_at", "sale_ends_at"):
         fields[name] = _aware(fields[name])
     return ProductRow(**fields)
@@ -59,8 +59,19 @@ async def insert_product(db: asyncpg.Pool, name: str, price_minor: int, currency
     return _row(record)
 
 
-async def all_products(db: asyncpg.Pool) -> list[ProductRow]:
-    return [_row(r) for r in await db.fetch(f"SELECT {_COLUMNS} FROM products ORDER BY id")]
+# A read's horizon: the oldest transaction still running as it read. A later read from it finds
+# every row written since, commits that were in flight included (migration 0013).
+_HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS horizon"
+
+
+async def products_written_since(db: asyncpg.Pool,
+                                 horizon: int) -> tuple[list[ProductRow], int]:
+    """The sales written from transaction `horizon` on (0: every sale), and the horizon to read
+    from next time."""
+    records = await db.fetch(f"""SELECT {_HORIZON}, {_COLUMNS} FROM (SELECT) AS reading
+                                 LEFT JOIN products ON written_by >= $1::text::xid8
+                                 ORDER BY id""", str(horizon))
+    return [_row(r) for r in records if r["id"] is not None], records[0]["horizon"]
 
 
 async def product_by_id(db: asyncpg.Pool, product_id: str) -> ProductRow | None:
@@ -68,9 +79,16 @@ async def product_by_id(db: asyncpg.Pool, product_id: str) -> ProductRow | None:
     return None if record is None else _row(record)
 
 
-async def committed_counts(db: asyncpg.Pool) -> dict[str, ProductCounts]:
-    """Every sale's counts as its last commit left them (sales never defined have none)."""
-    return {r["product_id"]: ProductCounts(r["stock"], r["available"], r["reserved"], r["sold"],
-                                           r["last_seq"])
-            for r in await db.fetch("SELECT product_id::text, stock, available, reserved, sold, "
-                                    "last_seq FROM product_counts")}
+async def counts_written_since(db: asyncpg.Pool,
+                               horizon: int) -> tuple[dict[str, ProductCounts], int]:
+    """Sales' counts as their last commits left them, written from transaction `horizon` on (0:
+    every sale's; sales never defined have none), and the horizon to read from next time."""
+    records = await db.fetch(f"""SELECT {_HORIZON}, product_id::text, stock, available, reserved,
+                                        sold, last_seq
+                                 FROM (SELECT) AS reading
+                                 LEFT JOIN product_counts ON written_by >= $1::text::xid8""",
+                             str(horizon))
+    counts = {r["product_id"]: ProductCounts(r["stock"], r["available"], r["reserved"],
+                                             r["sold"], r["last_seq"])
+              for r in records if r["product_id"] is not None}
+    return counts, records[0]["horizon"]

@@ -41,7 +41,8 @@ _KEEP_COUNTS = """
 INSERT INTO product_counts (product_id, stock, available, reserved, sold, last_seq)
 VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (product_id) DO UPDATE SET stock = excluded.stock, available = excluded.available,
-    reserved = excluded.reserved, sold = excluded.sold, last_seq = excluded.last_seq
+    reserved = excluded.reserved, sold = excluded.sold, last_seq = excluded.last_seq,
+    written_by = pg_current_xact_id()
 """
 # The flush's record and the counts after it, in one statement: no extra round trip.
 _LOG_AND_COUNT = f"""
