@@ -152,7 +152,7 @@ async def test_a_read_from_its_horizon_finds_every_write_since_commits_in_flight
         assert after[slow] == new and quiet not in after  # `brisk` may be read twice
         assert again == {}
         # A horizon ahead of the database's (one restored from a backup) reads it all again.
-        restored, _ = await catalogue_module._written_since(counts_written_since, db, 2**62)
+        restored, _ = await catalogue_module._read_from(counts_written_since, db, 2**62)
         assert restored.keys() == {quiet, slow, brisk}
     finally:
         await first.close()

@@ -47,7 +47,7 @@ class Catalogue:
         self._rows: dict[str, ProductRow] = {}
         self._counts: dict[str, ProductCounts] = {}
         self._task: asyncio.Task[None] | None = None
-        self._rows_horizon = self._counts_horizon = 0  # see `products_written_since`
+        self._rows_horizon = self._counts_horizon = 0  # see `_read_from`
         router.on_counts = self._hear
 
     async def start(self) -> None:
@@ -99,11 +99,11 @@ class Catalogue:
 
     async def _refresh(self) -> None:
         """The sales (new ones made elsewhere) and the counts written since the last refresh."""
-        rows, self._rows_horizon = await _written_since(products_written_since, self._db,
-                                                        self._rows_horizon)
+        rows, self._rows_horizon = await _read_from(products_written_since, self._db,
+                                                    self._rows_horizon)
         self._rows.update({row.id: row for row in rows})
-        counts, self._counts_horizon = await _written_since(counts_written_since, self._db,
-                                                            self._counts_horizon)
+        counts, self._counts_horizon = await _read_from(counts_written_since, self._db,
+                                                        self._counts_horizon)
         self._counts.update(counts)
         await self._ask_actors([row for row in self._rows.values() if row.id not in self._counts])
 
@@ -124,8 +124,8 @@ class Catalogue:
             self._hear(row.id, counts)
 
 
-async def _written_since(read: Callable[[asyncpg.Pool, int], Awaitable[tuple[T, int]]],
-                         db: asyncpg.Pool, horizon: int) -> tuple[T, int]:
+async def _read_from(read: Callable[[asyncpg.Pool, int], Awaitable[tuple[T, int]]],
+                     db: asyncpg.Pool, horizon: int) -> tuple[T, int]:
     """What `read` finds from `horizon` on. Horizons only move forward: one that went back means
     the database did (restored from a backup, say), and everything is read again."""
     found, reached = await read(db, horizon)

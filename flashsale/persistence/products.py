@@ -59,19 +59,23 @@ async def insert_product(db: asyncpg.Pool, name: str, price_minor: int, currency
     return _row(record)
 
 
-# A read's horizon: the oldest transaction still running as it read. A later read from it finds
-# every row written since, commits that were in flight included (migration 0013).
-_HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS horizon"
+async def _written_since(db: asyncpg.Pool, table: str, columns: str,
+                         horizon: int) -> tuple[list[asyncpg.Record], int]:
+    """The rows written from transaction `horizon` on (0: every row), and the horizon to read from
+    next time: the oldest transaction still running as this read. A read from it finds every row
+    written since, commits that were in flight included (migration 0013)."""
+    records = await db.fetch(
+        f"""SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS horizon,
+                   written_by IS NOT NULL AS found, {columns}
+            FROM (SELECT) AS reading LEFT JOIN {table} ON written_by >= $1::text::xid8""",
+        str(horizon))
+    return [r for r in records if r["found"]], records[0]["horizon"]
 
 
 async def products_written_since(db: asyncpg.Pool,
                                  horizon: int) -> tuple[list[ProductRow], int]:
-    """The sales written from transaction `horizon` on (0: every sale), and the horizon to read
-    from next time."""
-    records = await db.fetch(f"""SELECT {_HORIZON}, {_COLUMNS} FROM (SELECT) AS reading
-                                 LEFT JOIN products ON written_by >= $1::text::xid8
-                                 ORDER BY id""", str(horizon))
-    return [_row(r) for r in records if r["id"] is not None], records[0]["horizon"]
+    records, reached = await _written_since(db, "products", _COLUMNS, horizon)
+    return [_row(r) for r in records], reached
 
 
 async def product_by_id(db: asyncpg.Pool, product_id: str) -> ProductRow | None:
@@ -81,14 +85,9 @@ async def product_by_id(db: asyncpg.Pool, product_id: str) -> ProductRow | None:
 
 async def counts_written_since(db: asyncpg.Pool,
                                horizon: int) -> tuple[dict[str, ProductCounts], int]:
-    """Sales' counts as their last commits left them, written from transaction `horizon` on (0:
-    every sale's; sales never defined have none), and the horizon to read from next time."""
-    records = await db.fetch(f"""SELECT {_HORIZON}, product_id::text, stock, available, reserved,
-                                        sold, last_seq
-                                 FROM (SELECT) AS reading
-                                 LEFT JOIN product_counts ON written_by >= $1::text::xid8""",
-                             str(horizon))
-    counts = {r["product_id"]: ProductCounts(r["stock"], r["available"], r["reserved"],
-                                             r["sold"], r["last_seq"])
-              for r in records if r["product_id"] is not None}
-    return counts, records[0]["horizon"]
+    """Sales' counts as their last commits left them (sales never defined have none)."""
+    records, reached = await _written_since(
+        db, "product_counts", "product_id::text, stock, available, reserved, sold, last_seq",
+        horizon)
+    return {r["product_id"]: ProductCounts(r["stock"], r["available"], r["reserved"], r["sold"],
+                                           r["last_seq"]) for r in records}, reached
