@@ -1,11 +1,13 @@
 """The product actor for real: Ray actors, PostgreSQL, kill -9, a database restart."""
 
 import asyncio
+import gc
 import logging
 import os
 import signal
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 import asyncpg
@@ -737,3 +739,31 @@ async def test_an_ended_idle_sale_retires_its_actor_and_a_late_command_brings_it
     finally:
         await stored.close()
         ray.kill(router.actor(product_id), no_restart=True)
+
+
+
+async def test_the_actor_collects_cyclic_garbage_on_its_timer_not_as_it_allocates(
+    ray_session: None, database_dsn: str
+) -> None:
+    def tie_a_knot(actor: object) -> bool:
+        """In the actor's process: leaves a reference cycle behind, watched by a weak
+        reference, which only the cyclic collector can free. (Nested, so Ray ships it whole.)"""
+        class Knot:
+            pass
+        knot = Knot()
+        knot.itself = knot  # type: ignore[attr-defined]
+        actor.knot = weakref.ref(knot)  # type: ignore[attr-defined]
+        return gc.isenabled()
+
+    def knot_freed(actor: object) -> bool:
+        return actor.knot() is None  # type: ignore[attr-defined]
+
+    actor = product_actor(str(uuid.uuid4()), ActorConfig(database_dsn, collect_garbage_every_s=0.5))
+    try:
+        assert await actor.__ray_call__.remote(tie_a_knot) is False
+        deadline = time.monotonic() + 5.0
+        while not await actor.__ray_call__.remote(knot_freed):
+            assert time.monotonic() < deadline, "a cycle outlived the collection timer"
+            await asyncio.sleep(0.1)
+    finally:
+        ray.kill(actor, no_restart=True)
