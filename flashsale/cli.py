@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -132,7 +133,14 @@ def _replay(args: argparse.Namespace) -> int:
         # Starting the embedded server would create an empty database and report nothing wrong.
         raise ConfigError(f"no database in {settings.data_dir}: nothing to replay "
                           "(check --data-dir or FLASHSALE_DATA_DIR)")
-    return asyncio.run(_replay_async(settings, args.product, args.verify, args.json))
+    # The states it rebuilds are millions of objects that form no cycle; Python's collector
+    # walked them again and again as they were made: about a quarter of the time of a
+    # 1,000,000-event `replay --verify`.
+    gc.disable()
+    try:
+        return asyncio.run(_replay_async(settings, args.product, args.verify, args.json))
+    finally:
+        gc.enable()
 
 
 def build_parser() -> argparse.ArgumentParser:
