@@ -22,7 +22,7 @@ from flashsale.actors.product import Policy
 from flashsale.actors.product_actor import ActorConfig
 from flashsale.actors.registry import NAMESPACE, configure_ray
 from flashsale.config import ConfigError, Settings, stored_secret
-from flashsale.http.app import create_app, own_ray_node_alive
+from flashsale.http.app import create_app, own_ray_node_alive, settle_collector
 from flashsale.http.auth import password_problem
 from flashsale.http.engine import Engine, start_engine
 from flashsale.payments.provider import PaymentProvider
@@ -155,6 +155,7 @@ async def _start_front_end(settings: Settings, dsn: str, *, shared_limits: bool,
                                 upkeep=upkeep)
     runner = web.AppRunner(create_app(engine, settings.trusted_proxies), access_log=None)
     await runner.setup()
+    settle_collector()
     return engine, runner
 
 

@@ -9,6 +9,7 @@ from importlib import resources
 import asyncpg
 from aiohttp import web
 
+from flashsale.http.app import settle_collector
 from flashsale.http.auth import DeactivatedUsers, Tokens, bearer_user
 from flashsale.http.problems import ApiError, problem_middleware
 from flashsale.http.schemas import OrderCreate, json_response, read_body, rfc3339
@@ -121,4 +122,5 @@ async def create_app(dsn: str, jwt_secret: str) -> web.Application:
     app.router.add_get("/orders/{order_id}", get_order)
     app.router.add_get("/products/{product_id}", get_product)
     app.on_cleanup.append(lambda _: db.close())
+    settle_collector()  # as the engine's front ends do
     return app

@@ -1,6 +1,7 @@
 """The aiohttp application: every route in one place."""
 
 import asyncio
+import gc
 import logging
 from collections.abc import Sequence
 
@@ -19,6 +20,7 @@ from flashsale.http.schemas import json_response
 
 BODY_BYTES_MAX = 64 * 1024
 HEALTH_TIMEOUT_S = 2.0
+YOUNG_COLLECTION_THRESHOLD = 10_000  # objects; see `settle_collector`
 
 
 class _MalformedRequestsInOneLine(logging.Filter):
@@ -37,6 +39,17 @@ class _MalformedRequestsInOneLine(logging.Filter):
 
 
 _MALFORMED_REQUESTS = _MalformedRequestsInOneLine()
+
+
+def settle_collector() -> None:
+    """Call once a server has started. What it made to start (modules, clients, pools) lives as
+    long as it does: frozen, Python's full collections no longer walk it. Requests leave few
+    objects behind, so the youngest generation is collected less often than Python's default,
+    every 700 objects. Timed in one `bench run --scenario hot` front end, collections took
+    0.39 s of a 4.3 s run before, 0.01 s after."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD)
 
 
 def own_ray_node_alive() -> bool:
