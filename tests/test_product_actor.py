@@ -741,7 +741,6 @@ async def test_an_ended_idle_sale_retires_its_actor_and_a_late_command_brings_it
         ray.kill(router.actor(product_id), no_restart=True)
 
 
-
 async def test_the_actor_collects_cyclic_garbage_on_its_timer_not_as_it_allocates(
     ray_session: None, database_dsn: str
 ) -> None:
