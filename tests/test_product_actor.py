@@ -744,7 +744,7 @@ async def test_an_ended_idle_sale_retires_its_actor_and_a_late_command_brings_it
 async def test_the_actor_collects_cyclic_garbage_on_its_timer_not_as_it_allocates(
     ray_session: None, database_dsn: str
 ) -> None:
-    def tie_a_knot(actor: object) -> bool:
+    def tie_a_knot(actor: object) -> tuple[bool, bool]:
         """In the actor's process: leaves a reference cycle behind, watched by a weak
         reference, which only the cyclic collector can free. (Nested, so Ray ships it whole.)"""
         class Knot:
@@ -752,14 +752,14 @@ async def test_the_actor_collects_cyclic_garbage_on_its_timer_not_as_it_allocate
         knot = Knot()
         knot.itself = knot  # type: ignore[attr-defined]
         actor.knot = weakref.ref(knot)  # type: ignore[attr-defined]
-        return gc.isenabled()
+        return gc.isenabled(), gc.get_freeze_count() > 0  # what it made to start is set aside
 
     def knot_freed(actor: object) -> bool:
         return actor.knot() is None  # type: ignore[attr-defined]
 
     actor = product_actor(str(uuid.uuid4()), ActorConfig(database_dsn, collect_garbage_every_s=0.5))
     try:
-        assert await actor.__ray_call__.remote(tie_a_knot) is False
+        assert await actor.__ray_call__.remote(tie_a_knot) == (False, True)
         deadline = time.monotonic() + 5.0
         while not await actor.__ray_call__.remote(knot_freed):
             assert time.monotonic() < deadline, "a cycle outlived the collection timer"

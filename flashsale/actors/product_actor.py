@@ -151,8 +151,11 @@ class ProductActor:
         # Python's collector runs as objects are allocated, and each full pass walks every hold
         # and key of the state, a million of each for `bench core`'s sale, to find no cycle:
         # the core makes none. That was a sixth of the actor's CPU there. The little cyclic
-        # garbage that libraries leave is collected on a timer instead.
+        # garbage that libraries leave is collected on a timer instead, and what the process
+        # made to start (Ray, the modules) is frozen out of its way: an idle actor's collection
+        # took 11-19 ms with it, 0.01 ms without.
         gc.disable()
+        gc.freeze()
         self._next_collection = time.monotonic() + config.collect_garbage_every_s
         self._events_since_snapshot = 0
         self._calls = 0  # calls being decided or waiting for their commit
