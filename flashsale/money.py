@@ -3,8 +3,8 @@ has. Prices are integers in the minor unit, so a yen price of 1000 is ¥1000 and
 1000 is 1.000 KWD."""
 
 # ISO 4217 list one, published 2026-01-01, by the digits of each currency's minor unit. Codes
-# without a minor unit (gold, special drawing rights, XXX, XTS) cannot price a sale and are left
-# out.
+# without a minor unit (precious metals, special drawing rights, the codes for testing and for
+# "no currency") cannot price a sale and are left out.
 _CODES_BY_DIGITS = {
     0: "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF",
     2: """AED AFN ALL AMD AOA ARS AUD AWG AZN BAM BBD BDT BMD BND BOB BOV BRL BSD BTN BWP BYN BZD
