@@ -1,6 +1,7 @@
 """The product actor for real: Ray actors, PostgreSQL, kill -9, a database restart."""
 
 import asyncio
+import ctypes
 import gc
 import logging
 import os
@@ -764,5 +765,30 @@ async def test_the_actor_collects_cyclic_garbage_on_its_timer_not_as_it_allocate
         while not await actor.__ray_call__.remote(knot_freed):
             assert time.monotonic() < deadline, "a cycle outlived the collection timer"
             await asyncio.sleep(0.1)
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
+async def test_the_actor_serves_its_batches_large_buffers_from_its_heap(
+    ray_session: None, database_dsn: str
+) -> None:
+    def mappings_for_a_large_buffer(actor: object) -> int:
+        """In the actor's process: how many mappings of its own glibc gives a 4 MB buffer."""
+        class MallocInfo(ctypes.Structure):
+            _fields_ = [(field, ctypes.c_size_t) for field in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                "uordblks", "fordblks", "keepcost")]
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = MallocInfo
+        libc.malloc.restype = ctypes.c_void_p
+        before = libc.mallinfo2().hblks
+        buffer = libc.malloc(4 * 2**20)
+        mapped = libc.mallinfo2().hblks - before
+        libc.free(ctypes.c_void_p(buffer))
+        return mapped
+
+    actor = product_actor(str(uuid.uuid4()), ActorConfig(database_dsn))
+    try:
+        assert await actor.__ray_call__.remote(mappings_for_a_large_buffer) == 0
     finally:
         ray.kill(actor, no_restart=True)

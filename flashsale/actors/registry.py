@@ -38,7 +38,9 @@ def configure_ray() -> None:
     - Ray's processes started from here inherit a fixed glibc mmap threshold. By default glibc
       raises it after freeing a large block, so later batches, replies and WAL records (100 kB
       and up) come from the heap and leave it fragmented: a product actor kept about 100 MB
-      after a churn of 200,000 events, against 80 MB with the threshold fixed.
+      after a churn of 200,000 events, against 80 MB with the threshold fixed. The product
+      actor raises it for its own process, whose every call makes such buffers (see
+      `product_actor._keep_batch_buffers`).
     - Ray reports usage statistics to its makers by default; a server the operator runs sends
       nothing they did not ask for (RAY_USAGE_STATS_ENABLED=1 turns it back on).
     - Ray's start-up notices that are expected here are dropped (`_DropRayNotices`).
