@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench.core import run_core
+from bench.core import CALLS_IN_FLIGHT, run_core
 from bench.run import RUNNING_ENGINE_SETTINGS, Params, run_bench
 
 DEFAULTS = {"shoppers": (20_000, 2_000), "stock": (2_000, 200), "connections": (256, 64)}
@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="100,000 reservations instead of 1,000,000 (under a minute)")
     core.add_argument("--out", default="bench-results", metavar="DIR",
                       help="where core.json goes (default ./bench-results)")
+    core.add_argument("--calls-in-flight", type=int, default=CALLS_IN_FLIGHT, metavar="N",
+                      help="batches kept in flight: more put more reservations in each commit, "
+                      "and each waits longer for it (default "
+                      f"{CALLS_IN_FLIGHT}, what two front ends send one product at full load)")
     run = commands.add_parser(
         "run",
         help="the engine and the classic baseline under the same crowd, over HTTP",
@@ -60,13 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", default="bench-results", metavar="DIR",
                      help="where results go (default ./bench-results)")
     args = parser.parse_args(argv)
+    if args.command == "core" and args.calls_in_flight < 1:
+        parser.error("--calls-in-flight must be positive")
     out = Path(args.out)
     try:  # before minutes of measuring, not after
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         parser.error(f"--out {out}: {error.strerror}")
     if args.command == "core":
-        run_core(args.quick, out)
+        run_core(args.quick, out, args.calls_in_flight)
         return 0
     pick = 1 if args.quick else 0
     values = {name: DEFAULTS[name][pick] if getattr(args, name) is None else getattr(args, name)

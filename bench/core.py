@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 import msgspec
@@ -53,6 +54,8 @@ from flashsale.persistence.migrate import migrate
 from flashsale.persistence.wal import insert_new_orders
 
 BATCH_SIZE = 1_000
+# What two front ends (`serve --workers 2`) send one product at full load: each keeps up to
+# `batching.CALLS_IN_FLIGHT_MAX` full batches in flight.
 CALLS_IN_FLIGHT = 8
 PGBENCH_CLIENTS = 64
 HOT_ROW_UPDATE = "UPDATE products SET stock = stock - 1 WHERE id = 1 AND stock >= 1;\n"
@@ -110,6 +113,11 @@ def _cpu_seconds(process: psutil.Process) -> float:
 
 class CoreResult(msgspec.Struct):
     reservations_per_s: float
+    # Batches kept in flight, and how long each call took, from sent to answered after its
+    # commit: a deeper pipeline groups more in a commit and waits longer for it.
+    calls_in_flight: int
+    call_p50_ms: float
+    call_p99_ms: float
     # The same batches, where each reservation only group-commits its orders row (see above).
     rows_alone_per_s: float
     batch_size: int
@@ -153,25 +161,35 @@ def product_call(actor: ray.actor.ActorHandle) -> BatchCall:
     return call
 
 
-async def reserve(call: BatchCall, blobs: list[bytes]) -> float:
-    """Durable reservations per second, with a few batches in flight so commits group."""
+class Reserved(NamedTuple):
+    per_s: float
+    call_ms: list[float]  # each call's time, sorted
+
+
+async def reserve(call: BatchCall, blobs: list[bytes], calls_in_flight: int) -> Reserved:
+    """Durable reservations per second and each call's time, with `calls_in_flight` batches in
+    flight so commits group."""
     reservations = len(blobs) * BATCH_SIZE
-    gate = asyncio.Semaphore(CALLS_IN_FLIGHT)
-    done = 0
+    gate = asyncio.Semaphore(calls_in_flight)
+    call_ms: list[float] = []
 
     async def one(blob: bytes) -> None:
-        nonlocal done
         async with gate:
+            sent = time.perf_counter()
             reserved = await call(blob)
+            call_ms.append((time.perf_counter() - sent) * 1000)
         if reserved != BATCH_SIZE:
             raise RuntimeError("a reservation was refused or lost")
-        done += 1
-        if done % max(1, len(blobs) // 10) == 0:
-            say(f"  {done * BATCH_SIZE:,} of {reservations:,} reserved")
+        if len(call_ms) % max(1, len(blobs) // 10) == 0:
+            say(f"  {len(call_ms) * BATCH_SIZE:,} of {reservations:,} reserved")
 
     started = time.perf_counter()
     await asyncio.gather(*(one(blob) for blob in blobs))
-    return len(blobs) * BATCH_SIZE / (time.perf_counter() - started)
+    return Reserved(reservations / (time.perf_counter() - started), sorted(call_ms))
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * fraction))]
 
 
 def pgbench(server: EmbeddedPostgres, seconds: int, workdir: Path) -> float:
@@ -296,11 +314,11 @@ async def start_rows_alone(dsn: str, product_id: str) -> ray.actor.ActorHandle:
     return actor
 
 
-async def rows_alone(server: EmbeddedPostgres, blobs: list[bytes]) -> float:
+async def rows_alone(server: EmbeddedPostgres, blobs: list[bytes], calls_in_flight: int) -> float:
     """Reservations per second of the rows alone; it leaves the orders table as it found it,
     empty."""
     actor = await start_rows_alone(server.dsn(), str(uuid.uuid4()))
-    per_s = await reserve(actor.handle.remote, blobs)
+    per_s = (await reserve(actor.handle.remote, blobs, calls_in_flight)).per_s
     ray.kill(actor)
     conn = await asyncpg.connect(server.dsn())
     await conn.execute("TRUNCATE orders")
@@ -315,7 +333,8 @@ class _BareActor:
         return os.getpid()
 
 
-async def measure(server: EmbeddedPostgres, quick: bool, workdir: Path) -> CoreResult:
+async def measure(server: EmbeddedPostgres, quick: bool, calls_in_flight: int,
+                  workdir: Path) -> CoreResult:
     conn = await asyncpg.connect(server.dsn())
     await migrate(conn)
     await conn.close()
@@ -324,18 +343,20 @@ async def measure(server: EmbeddedPostgres, quick: bool, workdir: Path) -> CoreR
     batches = reservation_batches(reservations)
 
     say(f"the orders rows alone: {reservations:,} of them, group-committed, in batches of "
-        f"{BATCH_SIZE:,}")
-    rows_alone_per_s = await rows_alone(server, batches)
+        f"{BATCH_SIZE:,}, {calls_in_flight} in flight")
+    rows_alone_per_s = await rows_alone(server, batches, calls_in_flight)
     say(f"  {rows_alone_per_s:,.0f} durable reservations/s")
 
     hot_id = str(uuid.uuid4())
     hot = product_actor(hot_id, config)
     await define(hot, hot_id, stock=RESERVING_STOCK)
-    say(f"reserving {reservations:,} units in batches of {BATCH_SIZE:,}")
+    say(f"reserving {reservations:,} units in batches of {BATCH_SIZE:,}, {calls_in_flight} in "
+        "flight")
     meter = CpuMeter(await hot.pid.remote(), server.pid)
     meter.start()
-    per_s = await reserve(product_call(hot), batches)
+    reserved = await reserve(product_call(hot), batches, calls_in_flight)
     cpu = meter.stop(reservations)
+    per_s = reserved.per_s
     say(f"  {per_s:,.0f} durable reservations/s")
 
     seconds = 5 if quick else 15
@@ -367,12 +388,14 @@ async def measure(server: EmbeddedPostgres, quick: bool, workdir: Path) -> CoreR
     _, bare_uss = memory_mb(await bare.pid.remote())
     for actor in (churned, bare):
         ray.kill(actor, no_restart=True)
-    return CoreResult(per_s, rows_alone_per_s, BATCH_SIZE, reservations, cpu, tps, per_s / tps,
+    return CoreResult(per_s, calls_in_flight, percentile(reserved.call_ms, 0.5),
+                      percentile(reserved.call_ms, 0.99), rows_alone_per_s, BATCH_SIZE,
+                      reservations, cpu, tps, per_s / tps,
                       recovery_s, events, actor_rss, actor_uss, running_uss, hot_recovery_s,
                       hot_events, hot_uss, bare_uss)
 
 
-def run_core(quick: bool, out_dir: Path) -> CoreResult:
+def run_core(quick: bool, out_dir: Path, calls_in_flight: int = CALLS_IN_FLIGHT) -> CoreResult:
     """`out_dir` exists: `python -m bench` makes it before anything is measured."""
     with tempfile.TemporaryDirectory(prefix="bench-core-", dir=out_dir) as scratch:
         workdir = Path(scratch)
@@ -381,7 +404,7 @@ def run_core(quick: bool, out_dir: Path) -> CoreResult:
         configure_ray()
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            result = uvloop.run(measure(server, quick, workdir))
+            result = uvloop.run(measure(server, quick, calls_in_flight, workdir))
         finally:
             ray.shutdown()
             server.close()
@@ -398,6 +421,8 @@ def print_table(r: CoreResult) -> None:
                               for us in (cpu["actor"], sum(cpu.values())))
     rows = [
         ("durable reservations/s", f"{r.reservations_per_s:,.0f}", ">= 200,000"),
+        ("a call, sent to answered", f"p50 {r.call_p50_ms:.0f}, p99 {r.call_p99_ms:.0f} ms "
+         f"({r.calls_in_flight} in flight)", ""),
         ("the orders rows alone", f"{r.rows_alone_per_s:,.0f} (the engine: "
          f"{r.reservations_per_s / r.rows_alone_per_s:.0%} of it)", ""),
         ("CPU per reservation, µs", "actor {actor:.1f}, PostgreSQL {postgres:.1f}, "

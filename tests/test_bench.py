@@ -83,12 +83,13 @@ def test_scenarios_have_the_promised_shape() -> None:
         build("flood", 1, 1, quick=True)
 
 
-def test_the_core_table_says_how_many_cores_the_actor_keeps_busy_and_its_share_of_the_rows(
+def test_the_core_table_says_call_times_cores_busy_and_the_engines_share_of_the_rows(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     cpu = CpuPerReservation(actor=9.0, postgres=4.0, driver=1.5, ray=0.5)
     print_table(CoreResult(
-        reservations_per_s=100_000, rows_alone_per_s=160_000, batch_size=1_000,
+        reservations_per_s=100_000, calls_in_flight=8, call_p50_ms=80.4, call_p99_ms=120.6,
+        rows_alone_per_s=160_000, batch_size=1_000,
         reservations=1_000_000, cpu_us_per_reservation=cpu, pgbench_tps=2_500, ratio=40.0,
         recovery_s=0.5, recovery_events=1_000_000, actor_rss_mb=90, actor_uss_mb=49,
         running_actor_uss_mb=57, reserving_actor_recovery_s=3.5,
@@ -98,6 +99,8 @@ def test_the_core_table_says_how_many_cores_the_actor_keeps_busy_and_its_share_o
     assert f"actor 0.90, all 1.50 of {os.cpu_count()}" in busy
     rows_alone = next(line for line in lines if line.startswith("the orders rows alone"))
     assert "160,000 (the engine: 62% of it)" in rows_alone
+    call = next(line for line in lines if line.startswith("a call, sent to answered"))
+    assert "p50 80, p99 121 ms (8 in flight)" in call
 
 
 async def test_the_rows_alone_actor_answers_a_batch_only_with_all_its_rows_committed(
@@ -139,6 +142,7 @@ async def test_the_reserving_sale_takes_reservations_and_a_refused_sale_stops_th
     (["run", "--duration", "-1"], "--duration must be positive"),
     (["run", "--out", "{file}/out"], "--out {file}/out: Not a directory"),
     (["core", "--out", "{file}/out"], "--out {file}/out: Not a directory"),
+    (["core", "--calls-in-flight", "0"], "--calls-in-flight must be positive"),
 ])
 def test_bad_arguments_stop_the_bench_before_it_measures(
     args: list[str], error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
