@@ -29,7 +29,9 @@ import msgspec
 import psutil
 import ray
 import uvloop
+from hdrh.histogram import HdrHistogram
 
+from bench.load import LATENCY_MAX_US
 from flashsale.actors.messages import (
     DefineProduct,
     FailPayment,
@@ -163,7 +165,7 @@ def product_call(actor: ray.actor.ActorHandle) -> BatchCall:
 
 class Reserved(NamedTuple):
     per_s: float
-    call_ms: list[float]  # each call's time, sorted
+    call_us: HdrHistogram  # each call's time
 
 
 async def reserve(call: BatchCall, blobs: list[bytes], calls_in_flight: int) -> Reserved:
@@ -171,25 +173,21 @@ async def reserve(call: BatchCall, blobs: list[bytes], calls_in_flight: int) -> 
     flight so commits group."""
     reservations = len(blobs) * BATCH_SIZE
     gate = asyncio.Semaphore(calls_in_flight)
-    call_ms: list[float] = []
+    call_us = HdrHistogram(1, LATENCY_MAX_US, 3)
 
     async def one(blob: bytes) -> None:
         async with gate:
             sent = time.perf_counter()
             reserved = await call(blob)
-            call_ms.append((time.perf_counter() - sent) * 1000)
+            call_us.record_value(round((time.perf_counter() - sent) * 1e6))
         if reserved != BATCH_SIZE:
             raise RuntimeError("a reservation was refused or lost")
-        if len(call_ms) % max(1, len(blobs) // 10) == 0:
-            say(f"  {len(call_ms) * BATCH_SIZE:,} of {reservations:,} reserved")
+        if call_us.get_total_count() % max(1, len(blobs) // 10) == 0:
+            say(f"  {call_us.get_total_count() * BATCH_SIZE:,} of {reservations:,} reserved")
 
     started = time.perf_counter()
     await asyncio.gather(*(one(blob) for blob in blobs))
-    return Reserved(reservations / (time.perf_counter() - started), sorted(call_ms))
-
-
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * fraction))]
+    return Reserved(reservations / (time.perf_counter() - started), call_us)
 
 
 def pgbench(server: EmbeddedPostgres, seconds: int, workdir: Path) -> float:
@@ -388,11 +386,12 @@ async def measure(server: EmbeddedPostgres, quick: bool, calls_in_flight: int,
     _, bare_uss = memory_mb(await bare.pid.remote())
     for actor in (churned, bare):
         ray.kill(actor, no_restart=True)
-    return CoreResult(per_s, calls_in_flight, percentile(reserved.call_ms, 0.5),
-                      percentile(reserved.call_ms, 0.99), rows_alone_per_s, BATCH_SIZE,
-                      reservations, cpu, tps, per_s / tps,
-                      recovery_s, events, actor_rss, actor_uss, running_uss, hot_recovery_s,
-                      hot_events, hot_uss, bare_uss)
+    call_p50_ms, call_p99_ms = (reserved.call_us.get_value_at_percentile(p) / 1000
+                                for p in (50, 99))
+    return CoreResult(per_s, calls_in_flight, call_p50_ms, call_p99_ms, rows_alone_per_s,
+                      BATCH_SIZE, reservations, cpu, tps, per_s / tps, recovery_s, events,
+                      actor_rss, actor_uss, running_uss, hot_recovery_s, hot_events, hot_uss,
+                      bare_uss)
 
 
 def run_core(quick: bool, out_dir: Path, calls_in_flight: int = CALLS_IN_FLIGHT) -> CoreResult:
