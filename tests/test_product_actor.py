@@ -792,3 +792,38 @@ async def test_the_actor_serves_its_batches_large_buffers_from_its_heap(
         assert await actor.__ray_call__.remote(mappings_for_a_large_buffer) == 0
     finally:
         ray.kill(actor, no_restart=True)
+
+
+async def test_the_actor_hands_its_heaps_free_pages_back_on_its_timer(
+    ray_session: None, database_dsn: str
+) -> None:
+    block_size, blocks = 8 * 2**20, 6
+
+    def free_blocks_between_kept_ones(actor: object) -> int:
+        """In the actor's process: frees heap blocks it wrote to, each below a block it keeps,
+        so that only a trim of the heap gives their pages back. Returns the process's RSS."""
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        freed, kept = [], []
+        for _ in range(blocks):
+            freed.append(libc.malloc(block_size))
+            ctypes.memset(freed[-1], 1, block_size)
+            kept.append(libc.malloc(block_size // 2))
+        for block in freed:
+            libc.free(ctypes.c_void_p(block))
+        actor.kept = kept  # type: ignore[attr-defined]
+        return rss(actor)
+
+    def rss(actor: object) -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    actor = product_actor(str(uuid.uuid4()), ActorConfig(database_dsn, collect_garbage_every_s=0.5))
+    try:
+        written = await actor.__ray_call__.remote(free_blocks_between_kept_ones)
+        deadline = time.monotonic() + 5.0
+        while written - await actor.__ray_call__.remote(rss) < blocks * block_size // 2:
+            assert time.monotonic() < deadline, "the freed blocks' pages stayed in the process"
+            await asyncio.sleep(0.1)
+    finally:
+        ray.kill(actor, no_restart=True)
