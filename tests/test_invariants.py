@@ -12,7 +12,7 @@ from flashsale.actors.messages import (
     ProductDefined,
     ProductTerms,
 )
-from flashsale.actors.product import ProductState, apply
+from flashsale.actors.product import ProductState, Shopper, apply
 
 STOCK = 3
 LIMIT = 2
@@ -61,10 +61,12 @@ def test_each_broken_invariant_is_named(events: tuple[Event, ...], problem: str)
 def test_counts_and_indexes_that_drift_from_the_orders_are_named() -> None:
     state = folded(placed("a", "ann"), placed("b", "bob"), paid("b", "pay-b"))
     state.reserved += 1
-    state.units_by_user["ann"] += 1
+    state.shoppers["ann"].units += 1
+    state.shoppers["cat"] = Shopper()
     state.order_by_payment["pay-b"] = "a"
     assert check_invariants(state) == [
         "orders hold 1 and sold 1 units but counters say reserved=2 sold=1",
         "per-user unit counts disagree with the orders",
+        "user cat is kept with no units and no order",
         "the payment index disagrees with the orders",
     ]

@@ -608,7 +608,7 @@ async def test_settled_orders_leave_memory_and_the_read_model_brings_them_back(
     await send(actor, [FailPayment(order.order_id)])
     state = await forgotten(actor, order.order_id)
     assert kept.order_id in state.orders  # a pending order stays
-    assert (first.user_id, first.idempotency_key) not in state.order_by_key
+    assert first.user_id not in state.shoppers  # nor its shopper, with no order left
 
     conn = await asyncpg.connect(database_dsn)
     try:

@@ -32,8 +32,10 @@ def check_invariants(state: ProductState) -> list[str]:
             f"orders hold {pending} and sold {confirmed} units but counters say "
             f"reserved={state.reserved} sold={state.sold}"
         )
-    if units != state.units_by_user:
+    if units != {user_id: s.units for user_id, s in state.shoppers.items() if s.units}:
         problems.append("per-user unit counts disagree with the orders")
+    problems += [f"user {user_id} is kept with no units and no order"
+                 for user_id, s in state.shoppers.items() if s.idle]
     limit = state.terms.per_user_limit if state.terms else 0
     for user_id, held in units.items():
         if held > limit:
