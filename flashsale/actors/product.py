@@ -233,14 +233,16 @@ def _place(
 ) -> tuple[OrderPlaced, ...] | Rejection:
     if not 1 <= cmd.quantity <= QUANTITY_MAX:
         return Rejection.VALIDATION_ERROR
-    earlier = _placed_with_key(state, cmd)
+    shopper = state.shoppers.get(cmd.user_id)
+    earlier = _placed_with_key(state, cmd, shopper)
     if earlier is not None:
         return () if earlier.quantity == cmd.quantity else Rejection.IDEMPOTENCY_KEY_REUSED
     if cmd.order_id in state.orders:
         return Rejection.VALIDATION_ERROR
     if not terms.sale_starts_at_ms <= now_ms < terms.sale_ends_at_ms:
         return Rejection.SALE_NOT_ACTIVE
-    if _units_held(state, cmd.user_id) + cmd.quantity > terms.per_user_limit:
+    held = shopper.units if shopper is not None else 0
+    if held + cmd.quantity > terms.per_user_limit:
         return Rejection.PURCHASE_LIMIT_EXCEEDED
     if state.available < cmd.quantity:
         return Rejection.OUT_OF_STOCK
@@ -258,10 +260,11 @@ def _place(
     )
 
 
-def _placed_with_key(state: ProductState, cmd: PlaceOrder) -> OrderRecord | None:
+def _placed_with_key(
+    state: ProductState, cmd: PlaceOrder, shopper: Shopper | None
+) -> OrderRecord | None:
     """The order this user placed with this key before, in memory or as the front end found it
     in the read model (the product may have forgotten it)."""
-    shopper = state.shoppers.get(cmd.user_id)
     existing = shopper.order_with(cmd.idempotency_key) if shopper is not None else None
     if existing is not None:
         return state.orders[existing]
@@ -483,7 +486,7 @@ def reply_for(state: ProductState, cmd: Command) -> OrderRecord | None:
             if placed is not None and (placed.user_id == cmd.user_id
                                        and placed.idempotency_key == cmd.idempotency_key):
                 return placed
-            return _placed_with_key(state, cmd)
+            return _placed_with_key(state, cmd, state.shoppers.get(cmd.user_id))
         case CapturePayment(order_id=order_id, known=known):
             return state.orders.get(order_id, known)
         case FailPayment(order_id=order_id) | CancelOrder(order_id=order_id) | SettleRefund(
