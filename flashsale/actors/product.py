@@ -241,8 +241,7 @@ def _place(
         return Rejection.VALIDATION_ERROR
     if not terms.sale_starts_at_ms <= now_ms < terms.sale_ends_at_ms:
         return Rejection.SALE_NOT_ACTIVE
-    held = shopper.units if shopper is not None else 0
-    if held + cmd.quantity > terms.per_user_limit:
+    if _units_held(shopper) + cmd.quantity > terms.per_user_limit:
         return Rejection.PURCHASE_LIMIT_EXCEEDED
     if state.available < cmd.quantity:
         return Rejection.OUT_OF_STOCK
@@ -293,7 +292,7 @@ def _capture(
     if order.status is OrderStatus.PENDING:
         return (OrderConfirmed(cmd.order_id, cmd.payment_id, now_ms, rereserved=False),)
     # A late payment: the hold lapsed. Take the units again if the rules still allow it.
-    held_by_user = _units_held(state, order.user_id)
+    held_by_user = _units_held(state.shoppers.get(order.user_id))
     if state.available >= order.quantity and held_by_user + order.quantity <= terms.per_user_limit:
         return (*recalled, OrderConfirmed(cmd.order_id, cmd.payment_id, now_ms, rereserved=True))
     return (*recalled, RefundRequired(cmd.order_id, cmd.payment_id, cmd.amount_minor, now_ms))
@@ -451,8 +450,7 @@ def _shopper(state: ProductState, user_id: str) -> Shopper:
     return shopper
 
 
-def _units_held(state: ProductState, user_id: str) -> int:
-    shopper = state.shoppers.get(user_id)
+def _units_held(shopper: Shopper | None) -> int:
     return shopper.units if shopper is not None else 0
 
 
