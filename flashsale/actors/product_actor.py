@@ -276,9 +276,9 @@ class ProductActor:
         replays much more than one state's worth of events.
 
         While every event places an order, none comes due after the first, and rightly: a
-        snapshot restores in about the time its orders' placements replay (3.2 against 2.8 µs
-        an order for `bench core`'s reserving actor), so it would not shorten recovery. Taking
-        them anyway, every time the state doubled, cost that bench 15-20% of its throughput."""
+        snapshot restores more slowly than its orders' placements replay (1.7 against 1.2 s for
+        1,000,000 new orders, decoding included), so it would not shorten recovery. Taking
+        them anyway, every time the state doubled, cost `bench core` 15-20% of its throughput."""
         self._events_since_snapshot += new_events
         due_after = max(self._config.snapshot_every_events, len(self._state.orders))
         if self._events_since_snapshot < due_after:

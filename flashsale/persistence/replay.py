@@ -14,7 +14,7 @@ import msgspec
 
 from flashsale.actors.invariants import check_invariants
 from flashsale.actors.messages import SETTLED_STATUSES, Event, OrderStatus, RefundStatus
-from flashsale.actors.product import ProductState, Snapshot, apply, restore, snapshot_of
+from flashsale.actors.product import ProductState, Snapshot, apply_all, restore, snapshot_of
 from flashsale.persistence.frames import CorruptRecord, unframe
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,7 @@ async def rebuild(conn: asyncpg.Connection, product_id: str, *,
             except (CorruptRecord, msgspec.DecodeError) as error:
                 return Rebuilt(state, snapshot_seq, replayed,
                                Corruption(product_id, first_seq, str(error)))
-            for event in events[expected - first_seq:]:
-                apply(state, event)
+            apply_all(state, events[expected - first_seq:])
             replayed += last_seq - expected + 1
             state.last_seq = last_seq
     return Rebuilt(state, snapshot_seq, replayed, None)
