@@ -11,7 +11,7 @@ from helpers import set_database_default
 
 from flashsale.config import ConfigError, load_settings, stored_secret
 from flashsale.persistence.database import create_pool, open_database
-from flashsale.persistence.embedded import MAX_CONNECTIONS, EmbeddedPostgres
+from flashsale.persistence.embedded import MAX_CONNECTIONS, SERVER_SETTINGS, EmbeddedPostgres
 from flashsale.persistence.migrate import migrate, migration_files
 
 
@@ -131,6 +131,8 @@ async def test_embedded_database_keeps_its_data_across_restarts(tmp_path: Path) 
         assert await conn.fetchval("SELECT name FROM products") == "Phone"
         # One connection per live sale's actor: room for many more than PostgreSQL's 100.
         assert int(await conn.fetchval("SHOW max_connections")) == MAX_CONNECTIONS
+        # New files of its log begin without 16 MB of zeros written while a commit waits.
+        assert await conn.fetchval("SHOW wal_init_zero") == "off"
         assert await conn.fetchval("SELECT count(*) FROM schema_version") == len(
             migration_files())
         await conn.close()
@@ -192,3 +194,24 @@ def test_a_stored_secret_cut_short_is_refused_with_how_to_mend_it(tmp_path: Path
         stored_secret(tmp_path, "sandbox_webhook_secret")
     cut.unlink()
     assert len(stored_secret(tmp_path, "sandbox_webhook_secret")) >= 48
+
+
+async def test_a_data_dir_made_before_a_setting_takes_it_at_its_next_start(tmp_path: Path) -> None:
+    server = await asyncio.to_thread(EmbeddedPostgres(tmp_path).start)
+    await asyncio.to_thread(server.stop)
+    server.close()
+    settings = server.pgdata / "postgresql.auto.conf"
+    before = [line for line in settings.read_text().splitlines(keepends=True)
+              if not line.startswith("wal_init_zero")]
+    settings.write_text("".join(before))
+
+    server = await asyncio.to_thread(EmbeddedPostgres(tmp_path).start)
+    try:
+        conn = await asyncpg.connect(server.dsn())
+        try:
+            for name, value in SERVER_SETTINGS.items():
+                assert await conn.fetchval(f"SHOW {name}") == value
+        finally:
+            await conn.close()
+    finally:
+        server.close()

