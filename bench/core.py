@@ -50,6 +50,7 @@ from flashsale.actors.product_actor import (
     send,
 )
 from flashsale.actors.registry import configure_ray, product_actor
+from flashsale.actors.wal_service import wal_service_here
 from flashsale.ids import uuid7
 from flashsale.persistence.embedded import POSTGRES_BIN_PATH, EmbeddedPostgres
 from flashsale.persistence.migrate import migrate
@@ -74,6 +75,7 @@ class CpuPerReservation(msgspec.Struct):
     """Microseconds of CPU per reservation while the reservations ran, by process."""
 
     actor: float
+    wal_service: float  # the node's, which commits the actor's log
     postgres: float
     driver: float  # this process: sending batches and reading replies
     ray: float  # Ray's other processes: raylet, GCS, idle workers
@@ -82,13 +84,14 @@ class CpuPerReservation(msgspec.Struct):
 class CpuMeter:
     """CPU time used by the processes of each part of the run, between `start` and `stop`."""
 
-    def __init__(self, actor_pid: int, postmaster_pid: int) -> None:
+    def __init__(self, actor_pid: int, wal_service_pid: int, postmaster_pid: int) -> None:
         postmaster = psutil.Process(postmaster_pid)
         postgres = [postmaster, *postmaster.children()]
         driver = psutil.Process()
-        skip = {actor_pid, *(p.pid for p in postgres)}
+        skip = {actor_pid, wal_service_pid, *(p.pid for p in postgres)}
         ray_others = [p for p in driver.children(recursive=True) if p.pid not in skip]
-        self._parts = {"actor": [psutil.Process(actor_pid)], "postgres": postgres,
+        self._parts = {"actor": [psutil.Process(actor_pid)],
+                       "wal_service": [psutil.Process(wal_service_pid)], "postgres": postgres,
                        "driver": [driver], "ray": ray_others}
         self._started: dict[str, float] = {}
 
@@ -139,6 +142,8 @@ class CoreResult(msgspec.Struct):
     reserving_actor_recovery_s: float
     reserving_actor_events: int
     reserving_actor_uss_mb: float
+    # The node's WAL service after all of this: one process shared by the node's sales.
+    wal_service_uss_mb: float
     bare_ray_actor_uss_mb: float
 
 
@@ -261,8 +266,8 @@ def memory_mb(pid: int) -> tuple[float, float]:
 
 
 class RowsAlone:
-    """Every reservation of a batch becomes its orders row, written as the product actor's WAL
-    writer writes it, group-committed, and nothing else happens."""
+    """Every reservation of a batch becomes its orders row, written as the WAL service writes
+    it, group-committed, and nothing else happens."""
 
     def __init__(self, product_id: str) -> None:
         self._product_id = product_id
@@ -350,7 +355,8 @@ async def measure(server: EmbeddedPostgres, quick: bool, calls_in_flight: int,
     await define(hot, hot_id, stock=RESERVING_STOCK)
     say(f"reserving {reservations:,} units in batches of {BATCH_SIZE:,}, {calls_in_flight} in "
         "flight")
-    meter = CpuMeter(await hot.pid.remote(), server.pid)
+    wal_service = wal_service_here()
+    meter = CpuMeter(await hot.pid.remote(), await wal_service.pid.remote(), server.pid)
     meter.start()
     reserved = await reserve(product_call(hot), batches, calls_in_flight)
     cpu = meter.stop(reservations)
@@ -382,6 +388,8 @@ async def measure(server: EmbeddedPostgres, quick: bool, calls_in_flight: int,
     actor_rss, actor_uss = memory_mb(await churned.pid.remote())
     say(f"  served again after {recovery_s:.2f} s with {events:,} events; "
         f"USS {actor_uss:.0f} MB, RSS {actor_rss:.0f} MB")
+    _, wal_service_uss = memory_mb(await wal_service.pid.remote())
+    say(f"the node's WAL service: USS {wal_service_uss:.0f} MB")
     bare = _BareActor.remote()
     _, bare_uss = memory_mb(await bare.pid.remote())
     for actor in (churned, bare):
@@ -391,7 +399,7 @@ async def measure(server: EmbeddedPostgres, quick: bool, calls_in_flight: int,
     return CoreResult(per_s, calls_in_flight, call_p50_ms, call_p99_ms, rows_alone_per_s,
                       BATCH_SIZE, reservations, cpu, tps, per_s / tps, recovery_s, events,
                       actor_rss, actor_uss, running_uss, hot_recovery_s, hot_events, hot_uss,
-                      bare_uss)
+                      wal_service_uss, bare_uss)
 
 
 def run_core(quick: bool, out_dir: Path, calls_in_flight: int = CALLS_IN_FLIGHT) -> CoreResult:
@@ -416,18 +424,19 @@ def run_core(quick: bool, out_dir: Path, calls_in_flight: int = CALLS_IN_FLIGHT)
 def print_table(r: CoreResult) -> None:
     cpu = msgspec.structs.asdict(r.cpu_us_per_reservation)
     # The actor's threads share one interpreter lock: near 1 core, the actor is the limit.
-    actor_cores, all_cores = (us * r.reservations_per_s / 1e6
-                              for us in (cpu["actor"], sum(cpu.values())))
+    actor_cores, service_cores, all_cores = (
+        us * r.reservations_per_s / 1e6 for us in (cpu["actor"], cpu["wal_service"],
+                                                   sum(cpu.values())))
     rows = [
         ("durable reservations/s", f"{r.reservations_per_s:,.0f}", ">= 200,000"),
         ("a call, sent to answered", f"p50 {r.call_p50_ms:.0f}, p99 {r.call_p99_ms:.0f} ms "
          f"({r.calls_in_flight} in flight)", ""),
         ("the orders rows alone", f"{r.rows_alone_per_s:,.0f} (the engine: "
          f"{r.reservations_per_s / r.rows_alone_per_s:.0%} of it)", ""),
-        ("CPU per reservation, µs", "actor {actor:.1f}, PostgreSQL {postgres:.1f}, "
-         "driver {driver:.1f}, Ray {ray:.1f}".format(**cpu), ""),
-        ("cores busy while reserving", f"actor {actor_cores:.2f}, all {all_cores:.2f} "
-         f"of {os.cpu_count()}", ""),
+        ("CPU per reservation, µs", "actor {actor:.1f}, WAL service {wal_service:.1f}, "
+         "PostgreSQL {postgres:.1f}, driver {driver:.1f}, Ray {ray:.1f}".format(**cpu), ""),
+        ("cores busy while reserving", f"actor {actor_cores:.2f}, WAL service "
+         f"{service_cores:.2f}, all {all_cores:.2f} of {os.cpu_count()}", ""),
         ("pgbench hot-row UPDATE tps", f"{r.pgbench_tps:,.0f}", ""),
         ("ratio", f"{r.ratio:.1f}x", ">= 40x"),
         ("churned sale: recovery", f"{r.recovery_s:.2f} s ({r.recovery_events:,} events)",
@@ -438,6 +447,7 @@ def print_table(r: CoreResult) -> None:
          f"{r.reserving_actor_recovery_s:.2f} s ({r.reserving_actor_events:,} events)",
          "<= 2 s (1,000,000 events)"),
         ("reserving actor: USS", f"{r.reserving_actor_uss_mb:.0f} MB", "<= 60 MB"),
+        ("the node's WAL service: USS", f"{r.wal_service_uss_mb:.0f} MB", "one per node"),
         ("empty Ray actor USS", f"{r.bare_ray_actor_uss_mb:.0f} MB", ""),
     ]
     print(f"\n{'measure':30}  {'result':34}  bar")

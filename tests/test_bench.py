@@ -86,17 +86,18 @@ def test_scenarios_have_the_promised_shape() -> None:
 def test_the_core_table_says_call_times_cores_busy_and_the_engines_share_of_the_rows(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    cpu = CpuPerReservation(actor=9.0, postgres=4.0, driver=1.5, ray=0.5)
+    cpu = CpuPerReservation(actor=9.0, wal_service=2.0, postgres=4.0, driver=1.5, ray=0.5)
     print_table(CoreResult(
         reservations_per_s=100_000, calls_in_flight=8, call_p50_ms=80.4, call_p99_ms=120.6,
         rows_alone_per_s=160_000, batch_size=1_000,
         reservations=1_000_000, cpu_us_per_reservation=cpu, pgbench_tps=2_500, ratio=40.0,
         recovery_s=0.5, recovery_events=1_000_000, actor_rss_mb=90, actor_uss_mb=49,
         running_actor_uss_mb=57, reserving_actor_recovery_s=3.5,
-        reserving_actor_events=1_000_001, reserving_actor_uss_mb=677, bare_ray_actor_uss_mb=43))
+        reserving_actor_events=1_000_001, reserving_actor_uss_mb=677, wal_service_uss_mb=40,
+        bare_ray_actor_uss_mb=43))
     lines = capsys.readouterr().out.splitlines()
     busy = next(line for line in lines if line.startswith("cores busy while reserving"))
-    assert f"actor 0.90, all 1.50 of {os.cpu_count()}" in busy
+    assert f"actor 0.90, WAL service 0.20, all 1.70 of {os.cpu_count()}" in busy
     rows_alone = next(line for line in lines if line.startswith("the orders rows alone"))
     assert "160,000 (the engine: 62% of it)" in rows_alone
     call = next(line for line in lines if line.startswith("a call, sent to answered"))

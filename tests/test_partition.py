@@ -21,6 +21,7 @@ from test_product_actor import CallFailed, ProductFactory, _actor_log, place, se
 from flashsale.actors.messages import OrderRecord, ProductCounts
 from flashsale.actors.product_actor import ActorConfig, send
 from flashsale.actors.registry import product_actor
+from flashsale.actors.wal_service import wal_service_here
 from flashsale.persistence.embedded import POSTGRES_BIN_PATH, EmbeddedPostgres
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
@@ -28,16 +29,25 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
 
 HOST_IP, FAR_IP = "10.213.7.1", "10.213.7.2"
 
-# The engine's writer on the far machine: a real product actor's code, run there without Ray.
+# The engine's writer on the far machine: a real product actor's code and its WAL service's,
+# run there without Ray.
 FAR_WRITER = """
-import asyncio, sys, time, uuid
+import asyncio, sys, tempfile, time, uuid
 from flashsale.actors.messages import DefineProduct, PlaceOrder, ProductTerms
 from flashsale.actors.product_actor import (ActorConfig, ProductActor, decode_decided,
                                             encode_commands)
 from flashsale.ids import uuid7
+from flashsale.persistence.wal_link import serve_product_log
+
+SOCKET = tempfile.mkdtemp() + "/wal.sock"
+
+class FarProductActor(ProductActor):
+    async def _wal_address(self) -> str:
+        return SOCKET
 
 async def main(dsn: str, product_id: str) -> None:
-    writer = ProductActor(product_id, ActorConfig(dsn))
+    await asyncio.start_unix_server(serve_product_log, SOCKET)
+    writer = FarProductActor(product_id, ActorConfig(dsn))
     now = time.time_ns() // 1_000_000
     terms = ProductTerms(product_id, 1_000, "INR", now - 1_000, now + 3_600_000, 1)
     order = PlaceOrder(uuid7(), str(uuid.uuid4()), "k", 1)
@@ -161,7 +171,7 @@ async def test_a_writer_whose_machine_vanished_holds_its_product_for_seconds_not
         waited_s = time.monotonic() - started
         assert isinstance(reply, OrderRecord)
         assert await actor.counts.remote() == ProductCounts(10, 8, 2, 0, 3)
-        said = _actor_log(await actor.pid.remote())
+        said = _actor_log(await wal_service_here().pid.remote())
         assert f"product {product_id}: waiting for the session of its earlier writer" in said
         assert f"from {FAR_IP}" in said
         print(f"the new actor served {waited_s:.1f} s after the old one's machine vanished")

@@ -9,6 +9,7 @@ import signal
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -54,6 +55,7 @@ from flashsale.actors.product_actor import (
     writer_lock_key,
 )
 from flashsale.actors.registry import product_actor
+from flashsale.actors.wal_service import wal_service_here
 from flashsale.ids import uuid7
 from flashsale.persistence.embedded import EmbeddedPostgres
 from flashsale.persistence.frames import frame
@@ -189,16 +191,21 @@ async def test_verify_finds_a_product_consistent_while_it_keeps_taking_orders(
     assert problems == [[]] * 25
 
 
+@pytest.mark.parametrize("victim", ["product actor", "WAL service"])
 async def test_kill_9_loses_no_acknowledged_order_and_retries_create_no_second(
-    products: ProductFactory, database_dsn: str
+    products: ProductFactory, database_dsn: str, victim: str
 ) -> None:
+    """The WAL service is the node's: Ray starts it again, and its products open their logs
+    there again as they recover."""
     product_id, actor = await products(stock=100_000, limit=1, snapshot_every_events=150)
     shoppers = Shoppers(actor)
+    process = actor if victim == "product actor" else wal_service_here()
+    killed = await process.pid.remote()
 
     async def kill_mid_stream() -> None:
         while len(shoppers.acknowledged) < 300:
             await asyncio.sleep(0.01)
-        os.kill(await actor.pid.remote(), signal.SIGKILL)
+        os.kill(killed, signal.SIGKILL)
 
     await asyncio.gather(*(shoppers.stream(40, 10, 0.005) for _ in range(4)), kill_mid_stream())
     await shoppers.retry_unanswered()
@@ -220,6 +227,7 @@ async def test_kill_9_loses_no_acknowledged_order_and_retries_create_no_second(
         assert await committed_counts(conn, product_id) == counts_of(state)
     finally:
         await conn.close()
+    assert await process.pid.remote() != killed
 
 
 @pytest.mark.parametrize("fault", ["clean stop", "crash", "crash of a server tuned not to wait",
@@ -506,10 +514,10 @@ async def test_a_new_incarnation_rebuilds_only_once_the_older_writer_is_gone(
         with pytest.raises(ProductUnavailable, match="recovering"):
             await actor.counts.remote()
         await asyncio.sleep(0.5)  # ten of the database's lock timeouts
-        said = _actor_log(await actor.pid.remote())
+        said = _actor_log(await wal_service_here().pid.remote())
         assert said.count(f"product {product_id}: waiting for the session of its earlier "
                           f"writer to end (backend {older.get_server_pid()} from this host;") == 1
-        assert "recovery failed" not in said
+        assert "recovery failed" not in _actor_log(await actor.pid.remote())
         async with older.transaction():  # the older writer's last commit, then its session ends
             await older.execute("INSERT INTO wal (product_id, first_seq, last_seq, record) "
                                 "VALUES ($1, 1, 2, $2)", product_id,
@@ -769,11 +777,10 @@ async def test_the_actor_collects_cyclic_garbage_on_its_timer_not_as_it_allocate
         ray.kill(actor, no_restart=True)
 
 
-async def test_the_actor_serves_its_batches_large_buffers_from_its_heap(
-    ray_session: None, database_dsn: str
-) -> None:
+def _large_buffer_probe() -> Callable[[object], int]:
+    """What an actor's process runs to say how many mappings of its own glibc gives a 4 MB
+    buffer (made here, so that Ray sends the function itself, not its module's name)."""
     def mappings_for_a_large_buffer(actor: object) -> int:
-        """In the actor's process: how many mappings of its own glibc gives a 4 MB buffer."""
         class MallocInfo(ctypes.Structure):
             _fields_ = [(field, ctypes.c_size_t) for field in (
                 "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
@@ -786,12 +793,23 @@ async def test_the_actor_serves_its_batches_large_buffers_from_its_heap(
         mapped = libc.mallinfo2().hblks - before
         libc.free(ctypes.c_void_p(buffer))
         return mapped
+    return mappings_for_a_large_buffer
 
+
+async def test_the_actor_serves_its_batches_large_buffers_from_its_heap(
+    ray_session: None, database_dsn: str
+) -> None:
     actor = product_actor(str(uuid.uuid4()), ActorConfig(database_dsn))
     try:
-        assert await actor.__ray_call__.remote(mappings_for_a_large_buffer) == 0
+        assert await actor.__ray_call__.remote(_large_buffer_probe()) == 0
     finally:
         ray.kill(actor, no_restart=True)
+
+
+async def test_the_wal_service_serves_its_flushes_large_buffers_from_its_heap(
+    ray_session: None
+) -> None:
+    assert await wal_service_here().__ray_call__.remote(_large_buffer_probe()) == 0
 
 
 async def test_the_actor_hands_its_heaps_free_pages_back_on_its_timer(

@@ -1,0 +1,1 @@
+NAMESPACE = "flashsale"  # the Ray namespace of the engine's named actors

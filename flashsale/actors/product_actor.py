@@ -1,12 +1,12 @@
 """The product actor: a thin, single-writer shell around the pure core.
 
 A call carries a batch of commands. The actor decides the whole batch synchronously, appends the
-events to the WAL, awaits the COMMIT, and only then answers. Recovery (in the constructor, after a
-Ray restart, and after a failed flush) goes through `rebuild`, the replay tool's own path.
+events to the WAL (the node's WAL service commits them), awaits the COMMIT, and only then
+answers. Recovery (in the constructor, after a Ray restart, and after a failed flush) goes
+through `rebuild`, the replay tool's own path.
 """
 
 import asyncio
-import ctypes
 import gc
 import logging
 import os
@@ -26,21 +26,25 @@ from flashsale.actors.messages import (
     ExpireHolds,
     ForgetSettled,
     OrderPlaced,
+    OrderRecord,
     ProductCounts,
 )
 from flashsale.actors.product import Policy, ProductState, Reply, execute
+from flashsale.actors.wal_service import wal_service_here
+from flashsale.heap import keep_batch_buffers, return_free_pages
 from flashsale.persistence.database import (
     DATABASE_DOWN,
     NO_QUERY_TIMEOUTS,
     configure_session,
 )
 from flashsale.persistence.replay import Rebuilt, encode_state, rebuild
-from flashsale.persistence.wal import (
+from flashsale.persistence.wal import keep_counts
+from flashsale.persistence.wal_link import (
     QUEUE_DEPTH_MAX,
-    OrderChanges,
+    OpenLog,
     WalBroken,
-    WalWriter,
-    keep_counts,
+    WalClient,
+    WalUnavailable,
 )
 from flashsale.tasks import LoopThread, Outage, repeat, stop_task
 
@@ -51,21 +55,11 @@ RECOVERY_WAIT_S = 2.0
 RECONNECT_BACKOFF_MAX_S = 2.0
 CONNECT_TIMEOUT_S = 5.0
 GIL_SWITCH_INTERVAL_S = 0.000_5  # Python's default is 5 ms
-# Buffers up to this size come from the heap in the actor's process (see `_keep_batch_buffers`):
-# above what a flush of 50,000 events makes (about 5 MB of WAL record, 10 MB of COPY data).
-HEAP_BUFFERS_MAX = 16 * 2**20
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-_libc = ctypes.CDLL(None)
-# Whatever keeps the database from answering now, and any error of PostgreSQL's: a recovery
-# that gave up would leave the product refusing every call while its process lives.
-_RETRIED_IN_RECOVERY = (*DATABASE_DOWN, asyncpg.PostgresError)
-
-# The session holding a writer lock: PostgreSQL shows a bigint key as two 32-bit halves.
-_WRITER_SESSION = """
-SELECT pid, client_addr FROM pg_locks JOIN pg_stat_activity USING (pid)
-WHERE locktype = 'advisory' AND granted AND objsubid = 1
-  AND pg_locks.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid = (($1::int8 >> 32) & 4294967295)::oid AND objid = ($1::int8 & 4294967295)::oid"""
+# Whatever keeps the database or the node's WAL service from answering now, and any error of
+# PostgreSQL's: a recovery that gave up would leave the product refusing every call while its
+# process lives.
+_RETRIED_IN_RECOVERY = (*DATABASE_DOWN, asyncpg.PostgresError, WalUnavailable,
+                        asyncio.IncompleteReadError, ray.exceptions.RayError)
 
 _commands_encoder = msgspec.msgpack.Encoder()
 _commands_decoder = msgspec.msgpack.Decoder(list[Command])
@@ -134,35 +128,14 @@ def writer_lock_key(product_id: str) -> int:
     return int.from_bytes(uuid.UUID(product_id).bytes[:8], "big", signed=True)
 
 
-def _order_changes(state: ProductState, events: list[Event]) -> OrderChanges:
-    changes = OrderChanges([], {})
+def changed_orders(state: ProductState, events: list[Event]) -> list[OrderRecord]:
+    """The orders these events change but do not place, each once, as it stands after them:
+    the rows of the read model to update (those to insert come from the events)."""
+    changed: dict[str, OrderRecord] = {}
     for event in events:
-        if isinstance(event, OrderPlaced):
-            changes.placed.append(event)
-        elif order_id := getattr(event, "order_id", None):
-            changes.changed[order_id] = state.orders[order_id]
-    return changes
-
-
-def _keep_batch_buffers() -> None:
-    """Each call makes and frees buffers of 0.1-1 MB: its commands and replies, its WAL record,
-    the COPY data of its rows. Ray's processes start with glibc's mmap threshold fixed at 128 kB
-    (`configure_ray`), so each got a mapping of its own, grown with mremap and unmapped when
-    freed, and its pages faulted in again on every call: per call of 1,000 reservations, about
-    4 mmaps, 13 mremaps and 4 munmaps (strace). The actor's process serves them from its heap,
-    which keeps their pages: after `bench core`'s churned sale, its USS was 0.4-2.2 MB larger.
-    Other C libraries have no mallopt, and nothing changes there."""
-    mallopt = getattr(_libc, "mallopt", None)
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, HEAP_BUFFERS_MAX)
-
-
-def _return_free_pages() -> None:
-    """Hand the heap's free pages back to the system: the heap keeps what a burst of batches
-    freed (after `bench core`'s churned sale, 4.7 MB of its 59 MB). glibc only."""
-    malloc_trim = getattr(_libc, "malloc_trim", None)
-    if malloc_trim is not None:
-        malloc_trim(0)
+        if type(event) is not OrderPlaced and (order_id := getattr(event, "order_id", None)):
+            changed[order_id] = state.orders[order_id]
+    return list(changed.values())
 
 
 class ProductActor:
@@ -170,10 +143,10 @@ class ProductActor:
         self._product_id = product_id
         self._config = config
         self._state = ProductState()
-        self._writer: WalWriter | None = None
-        self._io = LoopThread(f"wal-{product_id}")
+        self._writer: WalClient | None = None
+        self._io = LoopThread(f"recovery-{product_id}")
         # The process is this actor's alone. Deciding a batch holds the GIL for milliseconds;
-        # a shorter switch interval lets the WAL's loop answer PostgreSQL meanwhile.
+        # a shorter switch interval lets Ray's threads take and answer calls meanwhile.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         # Python's collector runs as objects are allocated, and each full pass walks every hold
         # and key of the state, a million of each for `bench core`'s sale, to find no cycle:
@@ -183,7 +156,7 @@ class ProductActor:
         # took 11-19 ms with it, 0.01 ms without.
         gc.disable()
         gc.freeze()
-        _keep_batch_buffers()
+        keep_batch_buffers()
         self._next_collection = time.monotonic() + config.collect_garbage_every_s
         self._events_since_snapshot = 0
         self._calls = 0  # calls being decided or waiting for their commit
@@ -235,7 +208,6 @@ class ProductActor:
         assert self._writer is not None
         await self._writer.close()
         await stop_task(self._timer)
-        self._io.loop.call_soon_threadsafe(self._writer.conn.terminate)
         self._io.stop()
         ray.actor.exit_actor()
 
@@ -256,7 +228,7 @@ class ProductActor:
             first_seq = state.last_seq + 1
             state.last_seq += len(events)
             durable = writer.append(
-                first_seq, tuple(events), _order_changes(state, events), counts_of(state),
+                first_seq, events, changed_orders(state, events), counts_of(state),
                 state.terms.currency if state.terms else "", self._maybe_snapshot(len(events)),
             )
         else:
@@ -286,7 +258,7 @@ class ProductActor:
         self._events_since_snapshot = 0
         return self._state.last_seq, encode_state(self._state)
 
-    async def _ready(self) -> WalWriter:
+    async def _ready(self) -> WalClient:
         try:
             async with asyncio.timeout(RECOVERY_WAIT_S):
                 await asyncio.shield(self._recovery)
@@ -295,65 +267,64 @@ class ProductActor:
         assert self._writer is not None
         return self._writer
 
-    def _start_recovery(self, broken: WalWriter) -> None:
+    def _start_recovery(self, broken: WalClient) -> None:
         if self._recovery.done() and self._writer is broken:
             self._recovery = asyncio.get_running_loop().create_task(self._recover())
 
     async def _recover(self) -> None:
-        """Forget the in-memory state and rebuild it from what the database holds."""
+        """Forget the in-memory state and rebuild it from what the database holds, once the
+        node's WAL service holds the product's writer lock: no older writer commits after."""
         if self._writer is not None:
             await self._writer.close()
-            self._io.loop.call_soon_threadsafe(self._writer.conn.terminate)
         self._writer = None
-        conn, rebuilt = await self._io.run(self._connect_and_rebuild())
-        self._state = rebuilt.state
-        self._events_since_snapshot = rebuilt.events_replayed
-        self._writer = WalWriter(conn, self._product_id, self._io, self._config.queue_depth_max)
-
-    async def _connect_and_rebuild(self) -> tuple[asyncpg.Connection, Rebuilt]:
-        """On the I/O loop, which then owns the connection."""
         backoff_s = 0.05
         outage = Outage(log, f"product {self._product_id}: recovery", "retrying",
                         _RETRIED_IN_RECOVERY)
         while True:
-            conn = None
+            writer = None
             try:
-                conn = await asyncpg.connect(self._config.dsn, timeout=CONNECT_TIMEOUT_S)
-                await configure_session(conn)
-                await conn.execute(NO_QUERY_TIMEOUTS)
-                await self._take_writer_lock(conn)
-                rebuilt = await rebuild(conn, self._product_id)
-                if rebuilt.corruption is None and rebuilt.state.last_seq:  # see `Catalogue`
-                    await keep_counts(conn, self._product_id, counts_of(rebuilt.state))
+                writer = await self._open_log()
+                rebuilt = await self._io.run(self._rebuild())
                 break
             except _RETRIED_IN_RECOVERY as error:
-                if conn is not None:
-                    conn.terminate()
+                if writer is not None:
+                    await writer.close()
                 outage.failed(error)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_MAX_S)
         outage.worked()
         if rebuilt.corruption is not None:
-            conn.terminate()
+            await writer.close()
             log.error("%s; the product refuses every call until its log is mended "
                       "(`flashsale replay` shows where)", rebuilt.corruption)
             raise ProductUnavailable(str(rebuilt.corruption))
-        return conn, rebuilt
+        self._state = rebuilt.state
+        self._events_since_snapshot = rebuilt.events_replayed
+        self._writer = writer
 
-    async def _take_writer_lock(self, conn: asyncpg.Connection) -> None:
-        """Waits for an older incarnation's session to end: one writer ever appends. Its session
-        outlives it where its machine died, until the server finds the client gone (see
-        `configure_session`), so the wait is said, with the session to end by hand."""
-        key = writer_lock_key(self._product_id)
-        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
-            return
-        holder = await conn.fetchrow(_WRITER_SESSION, key)
-        if holder is not None:
-            log.warning("product %s: waiting for the session of its earlier writer to end "
-                        "(backend %s from %s; SELECT pg_terminate_backend(%s) ends it now)",
-                        self._product_id, holder["pid"], holder["client_addr"] or "this host",
-                        holder["pid"])
-        await conn.execute("SELECT pg_advisory_lock($1)", key)
+    async def _open_log(self) -> WalClient:
+        opened = OpenLog(self._product_id, self._config.dsn, writer_lock_key(self._product_id))
+        return await WalClient.open(await self._wal_address(), opened,
+                                    self._config.queue_depth_max)
+
+    async def _wal_address(self) -> str:
+        """The Unix socket of this node's WAL service."""
+        return str(await wal_service_here().address.remote())
+
+    async def _rebuild(self) -> Rebuilt:
+        """On the recovery loop, so that the housekeeping timer and calls are not held up."""
+        conn = await asyncpg.connect(self._config.dsn, timeout=CONNECT_TIMEOUT_S)
+        try:
+            await configure_session(conn)
+            await conn.execute(NO_QUERY_TIMEOUTS)
+            rebuilt = await rebuild(conn, self._product_id)
+            if rebuilt.corruption is None and rebuilt.state.last_seq:  # see `Catalogue`
+                await keep_counts(conn, self._product_id, counts_of(rebuilt.state))
+        except BaseException:
+            conn.terminate()
+            raise
+        await conn.close()
+        return rebuilt
 
     def _retirable(self) -> bool:
         """An ended sale's actor holds a process (about 45 MB) for nothing once no hold is
@@ -371,7 +342,7 @@ class ProductActor:
         retire the actor if it may (an actor exits only from one of its own calls)."""
         if time.monotonic() >= self._next_collection:
             gc.collect()
-            _return_free_pages()
+            return_free_pages()
             self._next_collection = time.monotonic() + self._config.collect_garbage_every_s
         await asyncio.shield(self._recovery)  # nothing to do before the state is back
         if self._chores(now_ms()):

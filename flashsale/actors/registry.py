@@ -6,9 +6,10 @@ import os
 import ray
 from ray.actor import ActorHandle
 
+from flashsale.actors import NAMESPACE
 from flashsale.actors.product_actor import ActorConfig, ProductActor
 
-NAMESPACE = "flashsale"
+__all__ = ["NAMESPACE", "actor_name", "configure_ray", "product_actor"]
 # Calls only overlap while they await a commit; decisions themselves never interleave.
 MAX_CONCURRENCY = 64
 
@@ -39,8 +40,8 @@ def configure_ray() -> None:
       raises it after freeing a large block, so later batches, replies and WAL records (100 kB
       and up) come from the heap and leave it fragmented: a product actor kept about 100 MB
       after a churn of 200,000 events, against 80 MB with the threshold fixed. The product
-      actor raises it for its own process, whose every call makes such buffers (see
-      `product_actor._keep_batch_buffers`).
+      actors and the WAL service raise it for their own processes, whose every batch makes
+      such buffers (see `heap.keep_batch_buffers`).
     - Ray reports usage statistics to its makers by default; a server the operator runs sends
       nothing they did not ask for (RAY_USAGE_STATS_ENABLED=1 turns it back on).
     - Ray's start-up notices that are expected here are dropped (`_DropRayNotices`).

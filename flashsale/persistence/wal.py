@@ -1,15 +1,14 @@
-"""The WAL writer: appends a product's events and group-commits them to PostgreSQL.
+"""Group commit: a product's appended events go to PostgreSQL, many appends a transaction.
 
-`append` returns a future that resolves only after the COMMIT holding those events. Appends that
-queue up while a commit is in flight go out together in the next transaction (group commit), as
+Appends that queue up while a commit is in flight go out together in the next transaction, as
 one WAL record plus the orders read-model rows they change and the product's counts after them.
-The queue is bounded; after a failed flush the writer refuses everything, because the caller's
-state is ahead of the log.
+The committer runs in the node's WAL service (`wal_link`), apart from the product actor that
+decides: the two work side by side instead of taking turns at one interpreter lock.
 """
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import asyncpg
@@ -21,10 +20,8 @@ from flashsale.actors.messages import (
     OrderRecord,
     OrderStatus,
     ProductCounts,
-    event_encoder,
 )
 from flashsale.persistence.frames import frame
-from flashsale.tasks import LoopThread, stop_task
 
 QUEUE_DEPTH_MAX = 256
 EVENTS_PER_FLUSH_MAX = 50_000
@@ -66,40 +63,35 @@ async def keep_counts(conn: asyncpg.Connection, product_id: str, counts: Product
     await conn.execute(_KEEP_COUNTS, product_id, *msgspec.structs.astuple(counts))
 
 
-class WalOverloaded(Exception):
-    """The append queue is full: shed load now rather than wait without bound."""
-
-
-class WalBroken(Exception):
-    """An earlier flush failed; the writer accepts nothing until its owner recovers."""
-
-
-class OrderChanges(NamedTuple):
-    """The read-model rows an append writes: one per order it places, as placed, and one update
-    per order it changes, as the order stands after it. An order placed and changed in one flush
-    is inserted, then updated, in its transaction."""
-
-    placed: list[OrderPlaced]
-    changed: dict[str, OrderRecord]
-
-
-class _Append(NamedTuple):
+class Append(NamedTuple):
     first_seq: int
-    events: tuple[Event, ...]
-    orders: OrderChanges
+    events: list[Event]
+    payload: bytes  # the same events as the actor encoded them: one msgpack array
+    changed: list[OrderRecord]  # orders the events change, as they stand after them
     counts: ProductCounts  # after these events
     currency: str
     snapshot: tuple[int, bytes] | None
-    durable: asyncio.Future[None]
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.events) - 1
 
 
-def _merge(batch: list[_Append]) -> OrderChanges:
-    """The rows of the whole flush: each order updated once, to where the last append left it."""
-    merged = OrderChanges([], {})
-    for item in batch:
-        merged.placed.extend(item.orders.placed)
-        merged.changed.update(item.orders.changed)
-    return merged
+# The size of a msgpack array's header, by its first byte: fixarray, array 16, array 32.
+_ARRAY_HEADER_SIZE = {**dict.fromkeys(range(0x90, 0xa0), 1), 0xdc: 3, 0xdd: 5}
+
+
+def _joined(payloads: list[bytes], count: int) -> bytes:
+    """The elements of several msgpack arrays as one array of `count`, without decoding them."""
+    if len(payloads) == 1:
+        return payloads[0]
+    if count < 16:
+        header = bytes([0x90 | count])
+    elif count < 1 << 16:
+        header = b"\xdc" + count.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + count.to_bytes(4, "big")
+    return header + b"".join(payload[_ARRAY_HEADER_SIZE[payload[0]]:] for payload in payloads)
 
 
 async def insert_new_orders(conn: asyncpg.Connection, product_id: str, currency: str,
@@ -122,63 +114,23 @@ def _changed_columns(orders: Iterable[OrderRecord]) -> list[list[object]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
-def _resolve(batch: list[_Append]) -> None:
-    for item in batch:
-        if not item.durable.done():  # its caller may have given up waiting
-            item.durable.set_result(None)
+class GroupCommitter:
+    """Commits one product's appends in order on the connection that holds its writer lock, and
+    reports each commit's last sequence number to `committed`. Its task ends with the error of
+    a flush that failed: the actor's state is then ahead of the log, and it recovers."""
 
-
-class WalWriter:
-    """Appends come from the owner's event loop. The connection lives on `io`, a loop of its own,
-    so PostgreSQL works through one flush while the owner decides the next batches, instead of
-    each step of a flush waiting for the owner to finish a batch."""
-
-    def __init__(self, conn: asyncpg.Connection, product_id: str, io: LoopThread,
-                 queue_depth_max: int = QUEUE_DEPTH_MAX) -> None:
+    def __init__(self, conn: asyncpg.Connection, product_id: str,
+                 committed: Callable[[int], object]) -> None:
         self.conn = conn
         self._product_id = product_id
-        self._io = io
-        self._owner = asyncio.get_running_loop()
-        self._queue_depth_max = queue_depth_max
-        self._queue: deque[_Append] = deque()
-        self._wakeup = asyncio.Event()  # set and awaited on `io` only
-        self._last: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.failure: BaseException | None = None
-        io.loop.call_soon_threadsafe(self._start)
+        self._committed = committed
+        self._queue: deque[Append] = deque()
+        self._wakeup = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self._run())
 
-    def has_room(self) -> bool:
-        return self.failure is None and len(self._queue) < self._queue_depth_max
-
-    def append(self, first_seq: int, events: tuple[Event, ...], orders: OrderChanges,
-               counts: ProductCounts, currency: str,
-               snapshot: tuple[int, bytes] | None = None) -> asyncio.Future[None]:
-        if self.failure is not None:
-            raise WalBroken("the write-ahead log failed earlier") from self.failure
-        if len(self._queue) >= self._queue_depth_max:
-            raise WalOverloaded(f"{len(self._queue)} appends are waiting for the disk")
-        durable: asyncio.Future[None] = self._owner.create_future()
-        self._queue.append(_Append(first_seq, events, orders, counts, currency, snapshot,
-                                   durable))
-        self._last = durable
-        self._io.loop.call_soon_threadsafe(self._wakeup.set)
-        return durable
-
-    def durable(self) -> asyncio.Future[None]:
-        """Resolves once everything appended so far is committed."""
-        if self._last is None:
-            done: asyncio.Future[None] = self._owner.create_future()
-            done.set_result(None)
-            return done
-        return self._last
-
-    async def close(self) -> None:
-        """Stop flushing and accept no more appends; the caller owns the connection."""
-        self.failure = self.failure or WalBroken("the write-ahead log was closed")
-        await self._io.run(stop_task(self._task))
-
-    def _start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+    def add(self, append: Append) -> None:
+        self._queue.append(append)
+        self._wakeup.set()
 
     async def _run(self) -> None:
         while True:
@@ -186,17 +138,11 @@ class WalWriter:
             self._wakeup.clear()
             while self._queue:
                 batch = self._take_batch()
-                try:
-                    await self._flush(batch)
-                except BaseException as error:  # noqa: BLE001 - every waiter must hear of it
-                    self._owner.call_soon_threadsafe(self._fail, batch, error)
-                    if not isinstance(error, Exception):
-                        raise
-                    return
-                self._owner.call_soon_threadsafe(_resolve, batch)
-                del batch  # an idle writer keeps no events alive
+                await self._flush(batch)
+                self._committed(batch[-1].last_seq)
+                del batch  # an idle committer keeps no events alive
 
-    def _take_batch(self) -> list[_Append]:
+    def _take_batch(self) -> list[Append]:
         batch = [self._queue.popleft()]
         events = len(batch[0].events)
         while self._queue and events + len(self._queue[0].events) <= EVENTS_PER_FLUSH_MAX:
@@ -207,24 +153,26 @@ class WalWriter:
                 break
         return batch
 
-    async def _flush(self, batch: list[_Append]) -> None:
-        events = [event for item in batch for event in item.events]
-        orders = _merge(batch)
-        snapshots = [item.snapshot for item in batch if item.snapshot is not None]
+    async def _flush(self, batch: list[Append]) -> None:
+        count = sum(len(item.events) for item in batch)
+        placed = [e for item in batch for e in item.events if type(e) is OrderPlaced]
+        # Each order updated once, to where the last append left it; an order placed and
+        # changed in one flush is inserted, then updated.
+        changed = {order.order_id: order for item in batch for order in item.changed}
         first_seq = batch[0].first_seq
         async with self.conn.transaction():
-            if events:
+            if count:
                 await self.conn.execute(
                     _LOG_AND_COUNT, self._product_id, *msgspec.structs.astuple(batch[-1].counts),
-                    first_seq, first_seq + len(events) - 1, frame(event_encoder.encode(events)))
-            if orders.placed:
-                await insert_new_orders(self.conn, self._product_id, batch[-1].currency,
-                                        orders.placed)
-            if orders.changed:
-                await self.conn.execute(_UPDATE_ORDERS,
-                                        *_changed_columns(orders.changed.values()))
-            for seq, state in snapshots:
-                await self._write_snapshot(seq, state)
+                    first_seq, first_seq + count - 1,
+                    frame(_joined([item.payload for item in batch if item.events], count)))
+            if placed:
+                await insert_new_orders(self.conn, self._product_id, batch[-1].currency, placed)
+            if changed:
+                await self.conn.execute(_UPDATE_ORDERS, *_changed_columns(changed.values()))
+            for item in batch:
+                if item.snapshot is not None:
+                    await self._write_snapshot(*item.snapshot)
 
     async def _write_snapshot(self, seq: int, state: bytes) -> None:
         await self.conn.execute(
@@ -237,11 +185,3 @@ class WalWriter:
                                          ORDER BY seq DESC LIMIT $2) AS kept)""",
             self._product_id, SNAPSHOTS_KEPT,
         )
-
-    def _fail(self, batch: list[_Append], error: BaseException) -> None:
-        """On the owner's loop, so no append slips in between failing and refusing."""
-        self.failure = error
-        for item in [*batch, *self._queue]:
-            if not item.durable.done():
-                item.durable.set_exception(WalBroken(f"flush failed: {error!r}"))
-        self._queue.clear()

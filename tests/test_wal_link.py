@@ -1,11 +1,14 @@
-"""The WAL writer against a real PostgreSQL, driven as the product actor drives it: appends that
-queue behind a commit go out together, and a failed commit fails every append waiting."""
+"""A product's log through the WAL service's link, against a real PostgreSQL, driven as the
+product actor drives it: appends that queue behind a commit go out together, a failed commit
+fails every append waiting, and a link holds its product's writer lock while it lives."""
 
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
+import msgspec
 import pytest
 from helpers import session_waiting_for_a_lock
 
@@ -18,21 +21,27 @@ from flashsale.actors.messages import (
     ProductTerms,
 )
 from flashsale.actors.product import Policy, ProductState, execute
-from flashsale.actors.product_actor import _order_changes, counts_of, now_ms
+from flashsale.actors.product_actor import changed_orders, counts_of, now_ms, writer_lock_key
 from flashsale.ids import uuid7
 from flashsale.persistence.replay import encode_state, rebuild
-from flashsale.persistence.wal import WalBroken, WalWriter
-from flashsale.tasks import LoopThread
+from flashsale.persistence.wal import _joined
+from flashsale.persistence.wal_link import (
+    OpenLog,
+    WalBroken,
+    WalClient,
+    WalUnavailable,
+    serve_product_log,
+)
 
 PRICE = 1_000
 
 
 class Product:
-    """A product's state and its writer, appended to as the actor appends: each call decides a
-    batch of commands and hands its events to the writer."""
+    """A product's state and its log, appended to as the actor appends: each call decides a
+    batch of commands and hands its events to the log."""
 
-    def __init__(self, writer: WalWriter, product_id: str) -> None:
-        self.writer = writer
+    def __init__(self, log: WalClient, product_id: str) -> None:
+        self.log = log
         self.state = ProductState()
         self.product_id = product_id
 
@@ -41,24 +50,46 @@ class Product:
                   for event in execute(self.state, cmd, now_ms(), Policy())[1]]
         first_seq = self.state.last_seq + 1
         self.state.last_seq += len(events)
-        return self.writer.append(
-            first_seq, tuple(events), _order_changes(self.state, events), counts_of(self.state),
+        return self.log.append(
+            first_seq, events, changed_orders(self.state, events), counts_of(self.state),
             "INR", (self.state.last_seq, encode_state(self.state)) if snapshot else None)
 
 
+class Links:
+    """The WAL service's socket, served in the test's own process: opens links as actors do."""
+
+    def __init__(self, path: str, dsn: str) -> None:
+        self.path = path
+        self._dsn = dsn
+        self.opened: list[WalClient] = []
+
+    async def open(self, product_id: str, dsn: str | None = None) -> WalClient:
+        link = await WalClient.open(self.path, OpenLog(product_id, dsn or self._dsn,
+                                                       writer_lock_key(product_id)))
+        self.opened.append(link)
+        return link
+
+
 @pytest.fixture
-async def product(database_dsn: str) -> AsyncIterator[Product]:
-    io = LoopThread("wal-test")
-    conn = await io.run(asyncpg.connect(database_dsn))
+async def links(database_dsn: str, tmp_path: Path) -> AsyncIterator[Links]:
+    path = str(tmp_path / "wal.sock")
+    server = await asyncio.start_unix_server(serve_product_log, path)
+    links = Links(path, database_dsn)
+    yield links
+    for link in links.opened:
+        await link.close()
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+async def product(links: Links) -> Product:
     product_id = str(uuid.uuid4())
-    product = Product(WalWriter(conn, product_id, io), product_id)
+    product = Product(await links.open(product_id), product_id)
     now = now_ms()
     terms = ProductTerms(product_id, PRICE, "INR", now - 1_000, now + 3_600_000, 2)
     await product.append(DefineProduct(terms, 10))
-    yield product
-    await product.writer.close()
-    io.loop.call_soon_threadsafe(conn.terminate)
-    io.loop.call_soon_threadsafe(io.loop.stop)
+    return product
 
 
 async def wal_held_by(conn: asyncpg.Connection) -> None:
@@ -119,6 +150,36 @@ async def test_a_failed_commit_fails_every_append_waiting_and_then_refuses_more(
         await holder.close()
     assert [type(outcome) for outcome in outcomes] == [WalBroken] * 6
     assert logged == 1  # only the definition, committed before
-    assert not product.writer.has_room()
+    assert not product.log.has_room()
     with pytest.raises(WalBroken):
         product.append(PlaceOrder(uuid7(), str(uuid.uuid4()), "k", 1))
+
+
+async def test_a_products_second_link_opens_only_once_the_first_has_ended(
+    product: Product, links: Links
+) -> None:
+    """A second link is a new incarnation of the product's actor: it may read the log to
+    recover only once the older one can no longer commit."""
+    opening = asyncio.ensure_future(links.open(product.product_id))
+    await asyncio.sleep(0.5)
+    assert not opening.done()
+    await product.append(PlaceOrder(uuid7(), str(uuid.uuid4()), "k", 1))  # the first commits
+    await product.log.close()
+    async with asyncio.timeout(10):
+        second = await opening
+    assert second.has_room()
+
+
+async def test_a_log_that_cannot_be_opened_says_why(links: Links) -> None:
+    unreachable = "postgresql://flashsale:secret@127.0.0.1:1/flashsale"
+    with pytest.raises(WalUnavailable, match="could not open the log: ") as refused:
+        await links.open(str(uuid.uuid4()), unreachable)
+    assert "secret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("sizes", [[1, 2], [3, 20, 1], [70_000, 5]],
+                         ids=["small", "array 16", "array 32"])
+def test_joined_appends_decode_as_one_array_of_their_events(sizes: list[int]) -> None:
+    arrays = [[f"{n}-{i}" for i in range(size)] for n, size in enumerate(sizes)]
+    joined = _joined([msgspec.msgpack.encode(a) for a in arrays], sum(sizes))
+    assert msgspec.msgpack.decode(joined) == [item for a in arrays for item in a]
