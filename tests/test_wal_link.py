@@ -60,11 +60,11 @@ class Links:
 
     def __init__(self, path: str, dsn: str) -> None:
         self.path = path
-        self._dsn = dsn
+        self.dsn = dsn
         self.opened: list[WalClient] = []
 
     async def open(self, product_id: str, dsn: str | None = None) -> WalClient:
-        link = await WalClient.open(self.path, OpenLog(product_id, dsn or self._dsn,
+        link = await WalClient.open(self.path, OpenLog(product_id, dsn or self.dsn,
                                                        writer_lock_key(product_id)))
         self.opened.append(link)
         return link
@@ -183,3 +183,20 @@ def test_joined_appends_decode_as_one_array_of_their_events(sizes: list[int]) ->
     arrays = [[f"{n}-{i}" for i in range(size)] for n, size in enumerate(sizes)]
     joined = _joined([msgspec.msgpack.encode(a) for a in arrays], sum(sizes))
     assert msgspec.msgpack.decode(joined) == [item for a in arrays for item in a]
+
+
+async def test_a_message_the_service_cannot_read_ends_the_link_and_frees_the_product(
+    links: Links, caplog: pytest.LogCaptureFixture
+) -> None:
+    product_id = str(uuid.uuid4())
+    reader, writer = await asyncio.open_unix_connection(links.path)
+    for body in (msgspec.msgpack.encode(OpenLog(product_id, links.dsn,
+                                                writer_lock_key(product_id))), b"\xc1"):
+        writer.write(len(body).to_bytes(4, "big") + body)
+    async with asyncio.timeout(10):
+        opened = await reader.readexactly(4)
+        await reader.readexactly(int.from_bytes(opened, "big"))
+        assert await reader.read() == b""  # the service ended the link
+        assert (await links.open(product_id)).has_room()  # and the product's writer lock
+    writer.close()
+    assert f"product {product_id}: the link to its actor failed" in caplog.text

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 QUEUE_DEPTH_MAX = 256
 CONNECT_TIMEOUT_S = 5.0
 _LENGTH = struct.Struct(">I")
+# How a link ends when its other end goes away.
+_LINK_ENDED = (asyncio.IncompleteReadError, ConnectionError)
 
 # The session holding a writer lock: PostgreSQL shows a bigint key as two 32-bit halves.
 _WRITER_SESSION = """
@@ -76,6 +78,8 @@ _events_decoder = msgspec.msgpack.Decoder(list[Event])
 
 
 def _send(writer: asyncio.StreamWriter, message: msgspec.Struct) -> None:
+    if writer.is_closing():  # the other end went away, or this one is ending the link
+        return
     body = _encoder.encode(message)
     writer.writelines((_LENGTH.pack(len(body)), body))
 
@@ -107,7 +111,10 @@ async def serve_product_log(reader: asyncio.StreamReader, writer: asyncio.Stream
         if committer.task.done():  # it ends only when a flush fails
             _send(writer, Committed(0, f"flush failed: {committer.task.exception()!r}"))
             await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
+        elif not isinstance(failure := receiving.exception(), _LINK_ENDED):
+            log.error("product %s: the link to its actor failed; ending it", opened.product_id,
+                      exc_info=failure)
+    except _LINK_ENDED:
         pass  # the actor went away: nothing it sent since its last answer was acknowledged
     finally:
         for task in tasks:
@@ -233,7 +240,7 @@ class WalClient:
                         durable.set_result(None)
         except WalBroken as error:
             self._fail(error)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except _LINK_ENDED:
             self._fail(WalBroken("the WAL service went away"))
 
     def _fail(self, error: BaseException) -> None:
