@@ -32,11 +32,7 @@ from flashsale.actors.messages import (
 from flashsale.actors.product import Policy, ProductState, Reply, execute
 from flashsale.actors.wal_service import wal_service_here
 from flashsale.heap import keep_batch_buffers, return_free_pages
-from flashsale.persistence.database import (
-    DATABASE_DOWN,
-    NO_QUERY_TIMEOUTS,
-    configure_session,
-)
+from flashsale.persistence.database import DATABASE_DOWN, log_session
 from flashsale.persistence.replay import Rebuilt, encode_state, rebuild
 from flashsale.persistence.wal import keep_counts
 from flashsale.persistence.wal_link import (
@@ -53,7 +49,6 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_INTERVAL_S = 0.2
 RECOVERY_WAIT_S = 2.0
 RECONNECT_BACKOFF_MAX_S = 2.0
-CONNECT_TIMEOUT_S = 5.0
 GIL_SWITCH_INTERVAL_S = 0.000_5  # Python's default is 5 ms
 # Whatever keeps the database or the node's WAL service from answering now, and any error of
 # PostgreSQL's: a recovery that gave up would leave the product refusing every call while its
@@ -313,10 +308,8 @@ class ProductActor:
 
     async def _rebuild(self) -> Rebuilt:
         """On the recovery loop, so that the housekeeping timer and calls are not held up."""
-        conn = await asyncpg.connect(self._config.dsn, timeout=CONNECT_TIMEOUT_S)
+        conn = await log_session(self._config.dsn)
         try:
-            await configure_session(conn)
-            await conn.execute(NO_QUERY_TIMEOUTS)
             rebuilt = await rebuild(conn, self._product_id)
             if rebuilt.corruption is None and rebuilt.state.last_seq:  # see `Catalogue`
                 await keep_counts(conn, self._product_id, counts_of(rebuilt.state))

@@ -1,8 +1,9 @@
 """The WAL service: one Ray actor per node, which writes the logs of the node's product actors.
 
 A product actor decides; the service group-commits what it decided (`wal_link`). In one process
-the two took turns at the interpreter lock; apart, a sale takes about a fifth more reservations a
-second. One service per node, not per sale, so that a sale's memory stays one actor process.
+the two took turns at the interpreter lock; apart, `bench core`'s sale took 1.1-1.3x as many
+reservations a second. One service per node, not per sale, so that a sale's memory stays one
+actor process.
 """
 
 import asyncio

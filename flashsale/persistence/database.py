@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_DATABASE = "flashsale"
 CONNECT_TIMEOUT_S = 10.0
+LOG_CONNECT_TIMEOUT_S = 5.0  # a sale's recovery retries sooner
 
 # The database cannot be reached or cannot serve this now (down, restarting, out of connections,
 # a lock it would not wait for, a deadlock): the caller should retry. Other database errors are
@@ -90,15 +91,16 @@ async def configure_session(conn: asyncpg.Connection) -> None:
       are INSERT ... ON CONFLICT statements that wait for a concurrent write of the same row and
       then see it. They need READ COMMITTED: under a default of REPEATABLE READ or SERIALIZABLE
       the second of two claims at once fails with a serialization error instead.
-    - Its sessions are kept on purpose, idle or not: an actor's WAL connection waits for the
-      product's next order. A server that ends idle sessions would fail that order's commit.
+    - Its sessions are kept on purpose, idle or not: a sale's log session, in the WAL service,
+      waits for the product's next order. A server that ends idle sessions would fail that
+      order's commit.
     - A lock held long (an operator's migration, a long report) is waited for at most
       LOCK_WAIT_MAX_S, and then answered 503 (DATABASE_DOWN), not by a request that hangs.
       A product's writer waits as long as it takes (NO_QUERY_TIMEOUTS).
-    - Either end finds the other gone within seconds. The server ends the session of an actor
-      whose machine died, which holds its product's writer lock: the product's next actor
-      waits for that lock before it serves. An actor whose server vanished in the middle of a
-      commit fails it and recovers, which reaches a server that took over.
+    - Either end finds the other gone within seconds. The server ends the session of a WAL
+      service whose machine died, which holds its products' writer locks: each product's next
+      actor waits for its lock before it serves. A commit whose server vanished in the middle
+      of it fails, and its actor recovers, which reaches a server that took over.
     """
     await conn.execute(_SESSION_SETTINGS)
     _find_a_vanished_server(conn)
@@ -142,6 +144,20 @@ async def create_pool(dsn: str, init_size: int, max_size: int) -> asyncpg.Pool:
     return await asyncpg.create_pool(dsn, init_size=init_size, min_size=0, max_size=max_size,
                                      timeout=CONNECT_TIMEOUT_S, command_timeout=QUERY_WAIT_MAX_S,
                                      init=configure_session, reset=_keep_session)
+
+
+async def log_session(dsn: str) -> asyncpg.Connection:
+    """A session that writes a product's log (in the WAL service) or reads it to recover (in the
+    actor): set up as every session, with no query timeouts, as its wait for the writer lock
+    and its reads of a long log are not queries to cut short."""
+    conn = await asyncpg.connect(dsn, timeout=LOG_CONNECT_TIMEOUT_S)
+    try:
+        await configure_session(conn)
+        await conn.execute(NO_QUERY_TIMEOUTS)
+    except BaseException:
+        conn.terminate()
+        raise
+    return conn
 
 
 async def connect(dsn: str) -> asyncpg.Connection:

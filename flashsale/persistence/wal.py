@@ -23,7 +23,6 @@ from flashsale.actors.messages import (
 )
 from flashsale.persistence.frames import frame
 
-QUEUE_DEPTH_MAX = 256
 EVENTS_PER_FLUSH_MAX = 50_000
 SNAPSHOTS_KEPT = 2
 

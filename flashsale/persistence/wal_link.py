@@ -16,14 +16,13 @@ import asyncpg
 import msgspec
 
 from flashsale.actors.messages import Event, OrderRecord, ProductCounts, event_encoder
-from flashsale.persistence.database import NO_QUERY_TIMEOUTS, configure_session
+from flashsale.persistence.database import log_session
 from flashsale.persistence.wal import Append, GroupCommitter
 from flashsale.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
-QUEUE_DEPTH_MAX = 256
-CONNECT_TIMEOUT_S = 5.0
+QUEUE_DEPTH_MAX = 256  # appends waiting for their commit, per product
 _LENGTH = struct.Struct(">I")
 # How a link ends when its other end goes away.
 _LINK_ENDED = (asyncio.IncompleteReadError, ConnectionError)
@@ -135,10 +134,8 @@ async def _receive_appends(reader: asyncio.StreamReader, committer: GroupCommitt
 
 
 async def _writer_session(opened: OpenLog) -> asyncpg.Connection:
-    conn = await asyncpg.connect(opened.dsn, timeout=CONNECT_TIMEOUT_S)
+    conn = await log_session(opened.dsn)
     try:
-        await configure_session(conn)
-        await conn.execute(NO_QUERY_TIMEOUTS)
         await _take_writer_lock(conn, opened)
     except BaseException:
         conn.terminate()
