@@ -3,6 +3,10 @@ product actor drives it: appends that queue behind a commit go out together, a f
 fails every append waiting, and a link holds its product's writer lock while it lives."""
 
 import asyncio
+import os
+import stat
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +26,7 @@ from flashsale.actors.messages import (
 )
 from flashsale.actors.product import Policy, ProductState, execute
 from flashsale.actors.product_actor import changed_orders, counts_of, now_ms, writer_lock_key
+from flashsale.actors.wal_service import socket_path
 from flashsale.ids import uuid7
 from flashsale.persistence.replay import encode_state, rebuild
 from flashsale.persistence.wal import _joined
@@ -200,3 +205,19 @@ async def test_a_message_the_service_cannot_read_ends_the_link_and_frees_the_pro
         assert (await links.open(product_id)).has_room()  # and the product's writer lock
     writer.close()
     assert f"product {product_id}: the link to its actor failed" in caplog.text
+
+
+def test_a_wal_service_removes_the_sockets_of_services_gone_before_it_adds_its_own() -> None:
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    directory = Path(socket_path()).parent
+    gone, running = directory / f"{int(ended.stdout)}.sock", directory / f"{os.getpid()}.sock"
+    for socket in (gone, running):
+        socket.touch()
+    try:
+        assert socket_path() == str(running)
+        assert (gone.exists(), running.exists()) == (False, True)
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    finally:
+        gone.unlink(missing_ok=True)
+        running.unlink()

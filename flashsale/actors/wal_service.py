@@ -8,8 +8,11 @@ actor process.
 
 import asyncio
 import gc
+import logging
 import os
+import stat
 import tempfile
+from pathlib import Path
 
 import ray
 from ray.actor import ActorHandle
@@ -20,11 +23,38 @@ from flashsale.heap import keep_batch_buffers
 from flashsale.persistence.wal_link import serve_product_log
 from flashsale.tasks import LoopThread
 
+log = logging.getLogger(__name__)
+
+
+def socket_path() -> str:
+    """A socket for this process in a directory that only this user may enter: whoever reaches
+    it can write any log. Ray ends its workers with SIGKILL, so a service removes the sockets
+    of those gone before it adds its own."""
+    directory = Path(tempfile.gettempdir()) / f"flashsale-wal-{os.getuid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    found = directory.lstat()
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        log.warning("%s is not a directory of this user's alone; using a new one", directory)
+        directory = Path(tempfile.mkdtemp(prefix="flashsale-wal-"))
+    for socket in directory.glob("*.sock"):
+        if socket.stem.isdigit() and not _running(int(socket.stem)):
+            socket.unlink(missing_ok=True)
+    return str(directory / f"{os.getpid()}.sock")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's
+    return True
+
 
 class WalService:
     def __init__(self) -> None:
-        # A directory only this user may enter: whoever reaches the socket can write any log.
-        self._path = os.path.join(tempfile.mkdtemp(prefix="flashsale-wal-"), "wal.sock")
+        self._path = socket_path()
         keep_batch_buffers()
         gc.freeze()  # what the process made to start (Ray, the modules) is never garbage
         self._io = LoopThread("wal-service")
