@@ -230,6 +230,20 @@ async def test_kill_9_loses_no_acknowledged_order_and_retries_create_no_second(
     assert await process.pid.remote() != killed
 
 
+async def test_an_idle_product_whose_wal_service_died_recovers_on_its_own(
+    products: ProductFactory
+) -> None:
+    """No call waits on its log when the link ends: the actor must still see it, and recover."""
+    _, actor = await products(stock=10)
+    [first] = await send(actor, [place()])
+    service = wal_service_here()
+    os.kill(await service.pid.remote(), signal.SIGKILL)
+    await service.pid.remote()  # answered once Ray has started it again
+    await asyncio.sleep(1)  # time enough to recover with no call to start it
+    [second] = await send(actor, [place()])
+    assert isinstance(first, OrderRecord) and isinstance(second, OrderRecord)
+
+
 @pytest.mark.parametrize("fault", ["clean stop", "crash", "crash of a server tuned not to wait",
                                    "dropped connection"])
 async def test_a_database_fault_mid_stream_acknowledges_nothing_unflushed(

@@ -208,6 +208,9 @@ class ProductActor:
 
     async def _decide_durably(self, commands: list[Command]) -> list[Reply]:
         writer = await self._ready()
+        if writer.failure is not None:  # its link ended while no call waited on it
+            self._start_recovery(writer)
+            raise ProductUnavailable("the write-ahead log could not be written")
         if not writer.has_room():
             raise ProductUnavailable("the product is overloaded")
         state, policy, now = self._state, self._config.policy, now_ms()
@@ -230,8 +233,7 @@ class ProductActor:
             durable = writer.durable()  # a duplicate's answer may rest on events still in flight
         try:
             await durable
-        except WalBroken as broken:
-            self._commit_outage.failed(writer.failure or broken)
+        except WalBroken:
             self._start_recovery(writer)
             raise ProductUnavailable("the write-ahead log could not be written") from None
         self._commit_outage.worked()
@@ -263,6 +265,9 @@ class ProductActor:
         return self._writer
 
     def _start_recovery(self, broken: WalClient) -> None:
+        """After its log failed; said once, however many calls hear of it."""
+        assert broken.failure is not None
+        self._commit_outage.failed(broken.failure)
         if self._recovery.done() and self._writer is broken:
             self._recovery = asyncio.get_running_loop().create_task(self._recover())
 
@@ -338,7 +343,10 @@ class ProductActor:
             return_free_pages()
             self._next_collection = time.monotonic() + self._config.collect_garbage_every_s
         await asyncio.shield(self._recovery)  # nothing to do before the state is back
-        if self._chores(now_ms()):
+        assert self._writer is not None
+        if self._writer.failure is not None:  # its link ended while no call waited on it
+            self._start_recovery(self._writer)
+        elif self._chores(now_ms()):
             await self._decide_durably([])
         elif self._retirable():
             ray.get_runtime_context().current_actor.retire.remote()
