@@ -10,7 +10,6 @@ import asyncio
 import gc
 import logging
 import os
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -49,7 +48,6 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_INTERVAL_S = 0.2
 RECOVERY_WAIT_S = 2.0
 RECONNECT_BACKOFF_MAX_S = 2.0
-GIL_SWITCH_INTERVAL_S = 0.000_5  # Python's default is 5 ms
 # Whatever keeps the database or the node's WAL service from answering now, and any error of
 # PostgreSQL's: a recovery that gave up would leave the product refusing every call while its
 # process lives.
@@ -140,9 +138,6 @@ class ProductActor:
         self._state = ProductState()
         self._writer: WalClient | None = None
         self._io = LoopThread(f"recovery-{product_id}")
-        # The process is this actor's alone. Deciding a batch holds the GIL for milliseconds;
-        # a shorter switch interval lets Ray's threads take and answer calls meanwhile.
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         # Python's collector runs as objects are allocated, and each full pass walks every hold
         # and key of the state, a million of each for `bench core`'s sale, to find no cycle:
         # the core makes none. That was a sixth of the actor's CPU there. The little cyclic
