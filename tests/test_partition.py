@@ -32,14 +32,15 @@ HOST_IP, FAR_IP = "10.213.7.1", "10.213.7.2"
 # The engine's writer on the far machine: a real product actor's code and its WAL service's,
 # run there without Ray.
 FAR_WRITER = """
-import asyncio, sys, tempfile, time, uuid
+import asyncio, sys, time, uuid
 from flashsale.actors.messages import DefineProduct, PlaceOrder, ProductTerms
 from flashsale.actors.product_actor import (ActorConfig, ProductActor, decode_decided,
                                             encode_commands)
 from flashsale.ids import uuid7
+from flashsale.actors.wal_service import socket_path
 from flashsale.persistence.wal_link import serve_product_log
 
-SOCKET = tempfile.mkdtemp() + "/wal.sock"
+SOCKET = socket_path()
 
 class FarProductActor(ProductActor):
     async def _wal_address(self) -> str:

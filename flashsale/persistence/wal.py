@@ -164,7 +164,7 @@ class GroupCommitter:
                 await self.conn.execute(
                     _LOG_AND_COUNT, self._product_id, *msgspec.structs.astuple(batch[-1].counts),
                     first_seq, first_seq + count - 1,
-                    frame(_joined([item.payload for item in batch if item.events], count)))
+                    frame(_joined([item.payload for item in batch], count)))
             if placed:
                 await insert_new_orders(self.conn, self._product_id, batch[-1].currency, placed)
             if changed:
